@@ -1,0 +1,160 @@
+"""Does a trained run obey its conditioning? The control check on the seen words.
+
+    python diffusion_from_scratch/fidelity.py --run runs/tiny
+
+Each seen word is trained on the images of every class that lists it in
+data/class_words.json, so the data fixes the distribution of attributes the word should
+produce (``expected_shares``). This script samples N images per seen word with the run's
+EMA model, measures hair and scene with the portrait attribute rules, and compares the
+shares (with 95% Wilson intervals) with the expected ones and with the acceptance bar.
+A run that fails this control must not be trusted on unseen words.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.pipeline import SAMPLERS, TrainedRun, sample, sampling_scheduler
+from diffusion_from_scratch.portraits import SCENES, attributes_from_prompt, measure_attributes
+from diffusion_from_scratch.utils import (atomic_write_text, derived_seed, load_prompts, resolve_device,
+                                          save_image_grid)
+
+# ----------------------------------------------------------------------------- config
+RUN = "runs/tiny"  # training run folder
+N_PER_WORD = 128  # samples per word and guidance scale
+GUIDANCE = "1,3"  # comma-separated guidance scales (1 = the model's own conditional)
+SAMPLER = "ddim"  # ddpm | ddim | dpm
+SAMPLE_STEPS = 50  # sampler steps
+BATCH_SIZE = 128  # images per sampling batch
+SEED = 0  # sampling seed
+DEVICE = ""  # empty = the accelerator if there is one, else cpu
+OUT = ""  # output folder (empty = <run>/fidelity)
+
+# The acceptance bar (issue: "The tiny preset must obey its conditioning"), checked at guidance 1.
+BAR_MAX_LONG_MAN = 0.05
+BAR_MIN_LONG_WOMAN = 0.95
+BAR_MIN_HAIR_DETECTED = 0.95
+BAR_MIN_SCENE = {"nurse": ("hospital", 0.90), "philosopher": ("library", 0.90)}
+BAR_SCENE_TOLERANCE = 0.12  # for man, woman, person: every scene share within 12 points
+BAR_SCENE_WORDS = ("man", "woman", "person")
+
+
+def expected_shares(class_words: dict[str, list[str]], prompts: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Share of long hair and of each scene that the training data teaches each word.
+
+    A word's training images are the images of every class listing it, counted once per
+    listing (``man`` appears twice for the class ``man``), with equal images per class.
+    """
+    counts: dict[str, Counter] = {}
+    for class_name, words in class_words.items():
+        attributes = attributes_from_prompt(prompts[class_name])
+        for word in words:
+            counter = counts.setdefault(word, Counter())
+            counter["n"] += 1
+            counter["long"] += attributes["hair"] == "long"
+            counter[attributes["scene"]] += 1
+    return {word: {key: c[key] / c["n"] for key in ("long",) + SCENES} for word, c in counts.items()}
+
+
+def measure(images: torch.Tensor) -> dict[str, float]:
+    """Shares of long hair (among images with hair), hair detected and each scene."""
+    attributes = measure_attributes(images)
+    n = len(attributes)
+    with_hair = [a for a in attributes if a["hair"] != "none"]
+    shares = {"n": n, "hair_detected": len(with_hair) / n,
+              "long": sum(a["hair"] == "long" for a in with_hair) / max(1, len(with_hair)),
+              "n_with_hair": len(with_hair), "n_long": sum(a["hair"] == "long" for a in with_hair)}
+    for scene in SCENES:
+        shares[scene] = sum(a["scene"] == scene for a in attributes) / n
+    return shares
+
+
+def bar_failures(word: str, shares: dict[str, float], expected: dict[str, float]) -> list[str]:
+    """Which criteria of the acceptance bar a word's measured shares miss (at guidance 1)."""
+    failures = []
+    if shares["hair_detected"] < BAR_MIN_HAIR_DETECTED:
+        failures.append(f"hair detected {shares['hair_detected']:.0%} < {BAR_MIN_HAIR_DETECTED:.0%}")
+    if word == "man" and shares["long"] > BAR_MAX_LONG_MAN:
+        failures.append(f"long hair {shares['long']:.0%} > {BAR_MAX_LONG_MAN:.0%}")
+    if word == "woman" and shares["long"] < BAR_MIN_LONG_WOMAN:
+        failures.append(f"long hair {shares['long']:.0%} < {BAR_MIN_LONG_WOMAN:.0%}")
+    if word in BAR_MIN_SCENE:
+        scene, minimum = BAR_MIN_SCENE[word]
+        if shares[scene] < minimum:
+            failures.append(f"{scene} {shares[scene]:.0%} < {minimum:.0%}")
+    if word in BAR_SCENE_WORDS:
+        for scene in SCENES:
+            if abs(shares[scene] - expected[scene]) > BAR_SCENE_TOLERANCE:
+                failures.append(f"{scene} {shares[scene]:.0%} vs {expected[scene]:.0%} expected")
+    return failures
+
+
+def evaluate(run: TrainedRun, words: list[str], n_per_word: int, guidances: list[float], sampler: str,
+             steps: int, seed: int, batch_size: int, out: Path | None = None) -> list[dict]:
+    """Sample, measure and compare; one row per (word, guidance). Saves a grid per guidance."""
+    expected = expected_shares(run.config["class_words"], load_prompts())
+    vectors = run.word_vectors(words)
+    rows = []
+    for guidance in guidances:
+        generator = torch.Generator().manual_seed(derived_seed(seed, "fidelity", str(guidance)))
+        started = time.perf_counter()
+        images = sample(run.model, vectors.repeat_interleave(n_per_word, dim=0),
+                        sampling_scheduler(run.scheduler, sampler, steps), guidance, generator, batch_size)
+        seconds = time.perf_counter() - started
+        if out is not None:
+            grid = torch.cat([images[i * n_per_word:i * n_per_word + 8] for i in range(len(words))])
+            save_image_grid(grid, out / f"samples_guidance{guidance:g}.png", nrow=min(8, n_per_word), labels=words)
+        for i, word in enumerate(words):
+            shares = measure(images[i * n_per_word:(i + 1) * n_per_word])
+            target = expected.get(word)
+            failures = bar_failures(word, shares, target) if (target and guidance == 1.0) else []
+            rows.append({"word": word, "guidance": guidance, **shares,
+                         **{f"expected_{k}": v for k, v in (target or {}).items()},
+                         "bar": ("pass" if not failures else "FAIL: " + "; ".join(failures)) if guidance == 1.0 else "",
+                         "sampling_seconds": seconds})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| word | guidance | n | hair detected | long hair | neutral / hospital / library | expected long, scenes | bar (guidance 1) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        expected = (f"{r['expected_long']:.0%}, {r['expected_neutral']:.0%} / {r['expected_hospital']:.0%} / "
+                    f"{r['expected_library']:.0%}") if "expected_long" in r else "-"
+        lines.append(f"| {r['word']} | {r['guidance']:g} | {r['n']} | {r['hair_detected']:.0%} | {r['long']:.0%} | "
+                     f"{r['neutral']:.0%} / {r['hospital']:.0%} / {r['library']:.0%} | {expected} | {r['bar']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = config_from_constants(constants_of(globals()), argv=argv, choices={"sampler": SAMPLERS},
+                                description=__doc__.splitlines()[0])
+    require(cfg["n_per_word"] > 0, f"--n_per_word: must be positive, got {cfg['n_per_word']}")
+    try:
+        guidances = [float(g) for g in cfg["guidance"].split(",")]
+    except ValueError:
+        require(False, f"--guidance: expected comma-separated numbers, got {cfg['guidance']!r}")
+    run = TrainedRun(cfg["run"], resolve_device(cfg["device"]))
+    out = Path(cfg["out"] or Path(cfg["run"]) / "fidelity")
+    seen = [w for w in run.words]
+    rows = evaluate(run, seen, cfg["n_per_word"], guidances, cfg["sampler"], cfg["sample_steps"], cfg["seed"],
+                    cfg["batch_size"], out)
+    table = format_table(rows)
+    atomic_write_text(out / "fidelity.md", f"Run {cfg['run']} at step {run.step}, {cfg['sampler']} "
+                                           f"{cfg['sample_steps']} steps, seed {cfg['seed']}\n\n{table}\n")
+    with open(out / "fidelity.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(table)
+    print(f"wrote {out / 'fidelity.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,466 @@
+"""Stable Diffusion behind the ``ScoreModel`` interface, loaded from the Hub or a local folder.
+
+``load_sd_components`` loads the parts of any diffusers Stable Diffusion pipeline (VAE,
+CLIP tokenizer + text encoder, UNet, a scheduler built from the model's own scheduler
+config) given as a Hub id or a folder written by ``save_pretrained``. A Hub id is looked
+up in the local Hugging Face cache first and downloaded only when that fails and
+downloads are allowed, so an offline machine fails at once with a message saying what to
+download and where to put it, instead of hanging or printing a traceback.
+
+``StableDiffusionScoreModel`` is the ``ScoreModel`` the auditing methods use:
+
+- ``encode``: images in [0, 1] -> VAE latents. The posterior *mean* is used, not a sample
+  (the original sampled ``latent_dist``): the audit then depends only on the noise drawn
+  for x_t, and the same image always gives the same x0.
+- prompts are tokenised and encoded once per model object and cached;
+- ``predict_eps`` evaluates all K prompts for a batch of B noisy latents in one UNet call
+  and returns epsilon whatever the scheduler's ``prediction_type`` (SD 2.1 at 768 px
+  predicts v).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion_from_scratch import utils
+from diffusion_from_scratch.cli import InputError
+from statistical_auditing.score_models import ScoreModel, to_epsilon
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULERS = ("ddpm", "ddim", "euler")
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+TEXT_PARTS = ("text_encoder", "tokenizer")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else the available accelerator, else the CPU (see utils)."""
+    return utils.resolve_device(str(device) if device is not None else "")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on the CPU; fp16/bf16 only on an accelerator; "auto" = fp16 there, fp32 on CPU."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype: unknown dtype {dtype!r}; expected auto, fp32, fp16 or bf16")
+    if device.type == "cpu" and dtype != "fp32":
+        raise InputError(f"--dtype {dtype} needs an accelerator; on the CPU use --dtype fp32 (or auto)")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------- finding the files
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face downloads are switched off (HF_HUB_OFFLINE, read at call time)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def looks_like_path(name: str) -> bool:
+    """A Hub id is 'owner/name' or 'name'; anything else (absolute, ./, ~, a/b/c) is a path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or os.sep != "/" and os.sep in name)
+
+
+def missing_download_message(model: str, what: str, reason: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"{what} {model!r} is not available here: {reason}. On a machine with network run "
+            f"`hf download {model}` (older huggingface_hub: `huggingface-cli download {model}`), then "
+            f"either copy its Hugging Face cache ({constants.HF_HUB_CACHE}, or set HF_HOME) to this "
+            f"machine, or save the model to a folder (`save_pretrained`) and pass that folder's path "
+            f"instead of the id")
+
+
+def check_pipeline_folder(folder: Path, parts: tuple[str, ...] = PIPELINE_PARTS) -> Path:
+    """Raise InputError unless ``folder`` holds a diffusers pipeline with the given parts."""
+    if not (folder / "model_index.json").is_file():
+        raise InputError(
+            f"{folder} is not a diffusers Stable Diffusion pipeline folder: it has no model_index.json "
+            f"(expected model_index.json and the subfolders {', '.join(parts)}, as written by "
+            f"StableDiffusionPipeline.save_pretrained)")
+    missing = [part for part in parts if not (folder / part).is_dir()]
+    if missing:
+        raise InputError(f"{folder} is not a complete Stable Diffusion pipeline: missing subfolder(s) "
+                         f"{', '.join(missing)} (expected {', '.join(parts)})")
+    return folder
+
+
+def resolve_pipeline_folder(model: str, parts: tuple[str, ...] = PIPELINE_PARTS) -> Path:
+    """A local folder holding ``model``'s pipeline files: the folder itself, or the Hub cache.
+
+    Order: an existing folder; the local Hugging Face cache (no network); a download
+    (skipped when HF_HUB_OFFLINE is set). Every failure is an InputError that names the model.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return check_pipeline_folder(path, parts)
+    if path.exists():
+        raise InputError(f"--model: {model} is a file; expected a diffusers pipeline folder or a Hub id")
+    if looks_like_path(model):
+        raise InputError(f"--model: no such folder {model} (expected a diffusers pipeline folder or a Hub id "
+                         f"such as {DEFAULT_MODEL})")
+    from diffusers import DiffusionPipeline
+
+    try:  # the cache first: no network, and fast
+        return check_pipeline_folder(Path(DiffusionPipeline.download(model, local_files_only=True)), parts)
+    except InputError:
+        raise
+    except Exception as cache_error:  # noqa: BLE001 -- every library error becomes one message
+        if hub_offline():
+            raise InputError(missing_download_message(
+                model, "Stable Diffusion model", "it is not in the local cache and HF_HUB_OFFLINE is set")) from cache_error
+    try:
+        return check_pipeline_folder(Path(DiffusionPipeline.download(model)), parts)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise InputError(missing_download_message(
+            model, "Stable Diffusion model",
+            f"it is not in the local cache and the download failed ({type(error).__name__}: {str(error)[:160]})")) from error
+
+
+def _load_part(cls: Any, folder: Path, part: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(str(folder / part), local_files_only=True, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise InputError(f"cannot load the {part} of the pipeline in {folder} with {cls.__name__}: "
+                         f"{type(error).__name__}: {str(error)[:300]}") from error
+
+
+def load_hf_model(cls: Any, model: str, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(model)`` for a folder or a Hub id: the local cache first, then a
+    download unless HF_HUB_OFFLINE is set; failures are InputErrors naming ``model``."""
+    path = Path(model).expanduser()
+    if path.exists() or looks_like_path(model):
+        if not path.is_dir():
+            raise InputError(f"{what}: no such folder {model} (expected a folder written by save_pretrained or a Hub id)")
+        try:
+            return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            raise InputError(f"{what}: cannot load {cls.__name__} from {path}: {type(error).__name__}: "
+                             f"{str(error)[:300]}") from error
+    try:
+        return cls.from_pretrained(model, local_files_only=True, **kwargs)
+    except Exception as cache_error:  # noqa: BLE001
+        if hub_offline():
+            raise InputError(missing_download_message(
+                model, what, "it is not in the local cache and HF_HUB_OFFLINE is set")) from cache_error
+    try:
+        return cls.from_pretrained(model, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise InputError(missing_download_message(
+            model, what, f"it is not in the local cache and the download failed "
+                         f"({type(error).__name__}: {str(error)[:160]})")) from error
+
+
+# ----------------------------------------------------------------------------- schedulers
+
+
+def build_scheduler(folder: Path, kind: str = "ddpm") -> Any:
+    """The scheduler ``kind`` built from the pipeline's own scheduler config (its betas and
+    prediction_type), as ``DDPMScheduler.from_config(...)`` etc."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+    classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+    if kind not in classes:
+        raise InputError(f"--scheduler: unknown scheduler {kind!r}; expected one of {', '.join(SCHEDULERS)}")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read the scheduler config {config_file}: {error}") from None
+    return classes[kind].from_config(config)
+
+
+def timestep_table(scheduler: Any, num_inference_steps: int | None = None) -> torch.Tensor:
+    """The integer timestep table (descending) the auditing methods index with ``timesteps[-k]``.
+
+    ``None`` keeps every training timestep (T-1, ..., 0), the table a fresh scheduler has
+    before ``set_timesteps``: k then counts training steps from the clean end, as the
+    original's ``timesteps[-k]`` did. (``set_timesteps(T)`` is not used for that: with SD's
+    ``steps_offset=1`` it would yield T, ..., 1, an index past the end of alphas_cumprod.)
+    Otherwise ``set_timesteps(n)``; Euler's default "linspace" spacing gives fractional
+    timesteps, which have no alphas_cumprod entry, so Euler switches to "leading" spacing.
+    """
+    n_train = int(scheduler.config.num_train_timesteps)
+    if num_inference_steps is None or num_inference_steps == n_train:
+        return torch.arange(n_train - 1, -1, -1, dtype=torch.long)
+    if not 1 <= num_inference_steps <= n_train:
+        raise InputError(f"--num_inference_steps: {num_inference_steps} is outside 1..{n_train} "
+                         f"(the scheduler's num_train_timesteps)")
+    scheduler.set_timesteps(num_inference_steps)
+    table = scheduler.timesteps
+    if not torch.equal(table, table.round()) and hasattr(scheduler, "sigmas"):
+        scheduler.register_to_config(timestep_spacing="leading")
+        scheduler.set_timesteps(num_inference_steps)
+        table = scheduler.timesteps
+    table = table.round().long()
+    if int(table.max()) >= n_train or int(table.min()) < 0:
+        raise InputError(f"the scheduler's table for {num_inference_steps} steps leaves 0..{n_train - 1}: "
+                         f"{table.tolist()[:3]}...; choose another --num_inference_steps")
+    return table
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class SDComponents:
+    """The loaded parts of a Stable Diffusion pipeline (unused parts may be None)."""
+
+    folder: Path
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any = None
+    unet: Any = None
+    scheduler: Any = None
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+
+def load_sd_components(model: str = DEFAULT_MODEL, dtype: str = "auto", scheduler: str = "ddpm",
+                       device: str | torch.device | None = None, parts: tuple[str, ...] = PIPELINE_PARTS
+                       ) -> SDComponents:
+    """Load VAE, tokenizer, text encoder, UNet and scheduler of a diffusers SD pipeline.
+
+    ``model``: Hub id or local pipeline folder. ``dtype``: auto | fp32 | fp16 | bf16 (half
+    precisions only on an accelerator). ``scheduler``: ddpm | ddim | euler, built from the
+    model's scheduler config. The VAE stays in fp32 when its config asks for it
+    (``force_upcast``: SD VAEs overflow in fp16); ``encode`` casts its output to float32. Models are in eval mode, without grads.
+    ``parts`` restricts loading (e.g. ``("tokenizer", "text_encoder")``).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unknown = set(parts) - set(PIPELINE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown pipeline parts {sorted(unknown)}")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if scheduler not in SCHEDULERS:
+        raise InputError(f"--scheduler: unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
+    folder = resolve_pipeline_folder(model, parts)
+    out = SDComponents(folder=folder, tokenizer=None, text_encoder=None, device=device, dtype=torch_dtype)
+    if "tokenizer" in parts:
+        out.tokenizer = _load_part(CLIPTokenizer, folder, "tokenizer")
+    if "text_encoder" in parts:
+        out.text_encoder = _load_part(CLIPTextModel, folder, "text_encoder", dtype=torch_dtype)
+    if "unet" in parts:
+        out.unet = _load_part(UNet2DConditionModel, folder, "unet", torch_dtype=torch_dtype)
+    if "vae" in parts:
+        # SD VAEs overflow in half precision; their config says so with force_upcast
+        upcast = AutoencoderKL.load_config(str(folder / "vae")).get("force_upcast", False)
+        out.vae = _load_part(AutoencoderKL, folder, "vae", torch_dtype=torch.float32 if upcast else torch_dtype)
+    if "scheduler" in parts:
+        out.scheduler = build_scheduler(folder, scheduler)
+    for module in (out.text_encoder, out.unet, out.vae):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return out
+
+
+# ----------------------------------------------------------------------------- text
+
+
+class SDTextEncoder:
+    """Tokenise + encode prompts as the SD pipeline does (pad to the max length, truncate)."""
+
+    POOLINGS = ("none", "eos", "mean")
+
+    def __init__(self, tokenizer: Any, text_encoder: Any, device: torch.device):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: str = "auto",
+                        device: str | torch.device | None = None) -> "SDTextEncoder":
+        parts = load_sd_components(model, dtype=dtype, device=device, parts=TEXT_PARTS)
+        return cls(parts.tokenizer, parts.text_encoder, parts.device)
+
+    def _tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise InputError(f"prompts must be strings, got {prompt!r}")
+        max_length = self.tokenizer.model_max_length
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="pt")
+        for prompt in prompts:  # the pipeline truncates silently; say so once per prompt
+            if prompt not in self._warned and len(self.tokenizer(prompt).input_ids) > max_length:
+                self._warned.add(prompt)
+                warnings.warn(f"prompt truncated to {max_length} tokens, as Stable Diffusion does: {prompt[:60]!r}...",
+                              stacklevel=3)
+        return tokens
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(last hidden states (N, L, D), EOS-token states (N, D), attention mask (N, L)).
+
+        The UNet is conditioned on the last hidden states (after CLIP's final layer norm); the
+        attention mask goes to the encoder only where its config asks (``use_attention_mask``),
+        as in diffusers' StableDiffusionPipeline.
+        """
+        tokens = self._tokens(list(prompts))
+        ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device)
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        out = self.text_encoder(ids, attention_mask=mask if use_mask else None)
+        # CLIP's pooler_output is the final state at the first EOS token (the CLIP "pooled" text feature)
+        return out.last_hidden_state, out.pooler_output, mask
+
+    def embeddings(self, prompts: list[str], pooling: str = "none") -> torch.Tensor:
+        """Text embeddings as float32 on the CPU, for embedding-bias measurements.
+
+        - "none": the last hidden states (N, L, D), what the UNet attends to (the original
+          flattened these, 77 x 1024 for SD 2.1);
+        - "eos": the state at the EOS token (N, D), CLIP's pooled text feature;
+        - "mean": the mean of the states over the prompt's real tokens, BOS..EOS (N, D).
+        """
+        return self.pooled(prompts, (pooling,))[pooling]
+
+    def pooled(self, prompts: list[str], poolings: tuple[str, ...] = POOLINGS) -> dict[str, torch.Tensor]:
+        """``embeddings`` for several poolings from one text-encoder pass: pooling -> tensor."""
+        unknown = [p for p in poolings if p not in self.POOLINGS]
+        if unknown:
+            raise InputError(f"unknown pooling {unknown[0]!r}; expected one of {', '.join(self.POOLINGS)}")
+        hidden, eos, mask = self.encode(prompts)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        results = {"none": hidden, "eos": eos, "mean": (hidden * weights).sum(1) / weights.sum(1)}
+        return {p: results[p].float().cpu() for p in poolings}
+
+
+# ----------------------------------------------------------------------------- the score model
+
+
+class StableDiffusionScoreModel(ScoreModel):
+    """``ScoreModel`` over a Stable Diffusion pipeline (latent space, prompt conditions).
+
+    ``timesteps``: see ``timestep_table``; ``alphas_cumprod``: the scheduler's (float32, CPU).
+    ``encode_counts`` counts text-encoder passes per prompt (each prompt once per object).
+    ``unet_batch_size`` (None = everything in one call) caps the B*K rows per UNet call.
+    """
+
+    def __init__(self, components: SDComponents, num_inference_steps: int | None = None,
+                 unet_batch_size: int | None = None):
+        for part in PIPELINE_PARTS:
+            if getattr(components, part) is None:
+                raise ValueError(f"StableDiffusionScoreModel needs the {part}")
+        self.components = components
+        self.device = components.device
+        self.dtype = components.dtype
+        self.vae = components.vae
+        self.unet = components.unet
+        self.scheduler = components.scheduler
+        self.text = SDTextEncoder(components.tokenizer, components.text_encoder, components.device)
+        self.prediction_type = str(self.scheduler.config.prediction_type)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"{components.folder}: scheduler prediction_type {self.prediction_type!r} is not "
+                             f"supported; expected one of {', '.join(PREDICTION_TYPES)}")
+        self.timesteps = timestep_table(self.scheduler, num_inference_steps)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.detach().float().cpu()
+        self.unet_batch_size = unet_batch_size
+        self.encode_counts: collections.Counter[str] = collections.Counter()
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: str = "auto", scheduler: str = "ddpm",
+                        device: str | torch.device | None = None, num_inference_steps: int | None = None,
+                        unet_batch_size: int | None = None) -> "StableDiffusionScoreModel":
+        """Load ``model`` (Hub id or folder); see ``load_sd_components`` and ``timestep_table``."""
+        components = load_sd_components(model, dtype=dtype, scheduler=scheduler, device=device)
+        return cls(components, num_inference_steps=num_inference_steps, unet_batch_size=unet_batch_size)
+
+    # -- images -> latents
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """x0 = scaling_factor * (E(2 * images - 1).mean - shift_factor), float32 on ``device``.
+
+        images: (B, 3, H, W) in [0, 1] with H, W multiples of the VAE's downsampling factor.
+        The posterior mean (not a sample) makes x0 a deterministic function of the image.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if height % self.vae_scale or width % self.vae_scale:
+            raise InputError(f"image size {height}x{width} is not a multiple of the VAE's factor {self.vae_scale}")
+        low, high = float(images.min()), float(images.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise InputError(f"images must lie in [0, 1]; got values in [{low:.3f}, {high:.3f}]")
+        pixels = (images.to(self.device, self.vae.dtype) * 2 - 1)
+        mean = self.vae.encode(pixels).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((mean - shift) * self.vae.config.scaling_factor).float()
+
+    # -- prompts -> cached embeddings
+    def prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """(K, L, D) UNet conditioning of ``prompts``; new prompts are encoded in one batch."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if new:
+            hidden, _, _ = self.text.encode(new)
+            for prompt, state in zip(new, hidden):
+                self._prompt_cache[prompt] = state.to(self.dtype)
+                self.encode_counts[prompt] += 1
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def text_embeddings(self, prompts: list[str], pooling: str = "none") -> torch.Tensor:
+        """See ``SDTextEncoder.embeddings`` (float32 CPU; not cached, not counted)."""
+        return self.text.embeddings(prompts, pooling)
+
+    # -- the noise predictions
+    @torch.no_grad()
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, conditions: list[str]) -> torch.Tensor:
+        """epsilon(x_t, t, c_k) for every condition, shape (B, K, C, h, w), float32.
+
+        x_t is the variance-preserving noisy latent of ``add_noise``; it is the UNet's input
+        for every scheduler. (Euler's ``scale_model_input`` divides its own sample
+        x0 + sigma eps by sqrt(sigma^2 + 1); with sigma^2 = (1 - abar) / abar that sample
+        scaled is exactly this x_t, so no scaling is applied here; a test checks the identity.
+        The scheduler's method is not called because it keeps a step index from its first
+        call and takes one timestep per batch.)
+        The output is converted with ``to_epsilon`` from the scheduler's prediction_type.
+        """
+        conditions = list(conditions)
+        if not conditions:
+            raise InputError("predict_eps needs at least one condition (prompt)")
+        if x_t.ndim != 4:
+            raise InputError(f"x_t must be (B, C, h, w) latents, got shape {tuple(x_t.shape)}")
+        batch, k = x_t.shape[0], len(conditions)
+        t = torch.as_tensor(t, dtype=torch.long)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        elif t.numel() != batch:
+            raise InputError(f"predict_eps: {t.numel()} timesteps for a batch of {batch} (give one, or one per image)")
+        t = t.reshape(batch)
+        n_train = len(self.alphas_cumprod)
+        if int(t.min()) < 0 or int(t.max()) >= n_train:
+            raise InputError(f"timesteps must lie in 0..{n_train - 1}, got {t.tolist()}")
+        x_t = x_t.to(self.device).float()
+        t = t.to(self.device)
+        embeddings = self.prompt_embeddings(conditions)  # (K, L, D)
+        # row b * K + j = image b under prompt j
+        rows_x = x_t.repeat_interleave(k, dim=0).to(self.dtype)
+        rows_t = t.repeat_interleave(k)
+        rows_c = embeddings.repeat(batch, 1, 1)
+        step = self.unet_batch_size or rows_x.shape[0]
+        outputs = [self.unet(rows_x[i:i + step], rows_t[i:i + step], encoder_hidden_states=rows_c[i:i + step]).sample
+                   for i in range(0, rows_x.shape[0], step)]
+        output = torch.cat(outputs).float().reshape(batch, k, *x_t.shape[1:])
+        return to_epsilon(output, x_t, t, self.alphas_cumprod, self.prediction_type)

@@ -1,0 +1,217 @@
+"""Uncertainty for the audits: proportions with Wilson intervals, regressions with a
+bootstrap, and the two plots the reports use (PNG, matplotlib Agg, written atomically)."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+
+def _z_value(level: float) -> float:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be strictly between 0 and 1; got {level!r}")
+    return float(_scipy_stats.norm.ppf(0.5 + level / 2.0))
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927; Agresti & Coull 1998).
+
+    With p = successes / n and z the two-sided normal quantile for ``level``:
+
+        centre = (p + z^2 / (2n)) / (1 + z^2 / n)
+        half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / (4 n^2))
+
+    and the interval is [centre - half, centre + half] (clipped to [0, 1] against rounding).
+    Unlike the Wald interval it stays inside [0, 1] and is not degenerate at p = 0 or 1:
+    0 of 10 gives [0, z^2 / (n + z^2)] = [0, 0.2775] at 95%.
+
+    n = 0 raises ValueError: there is no proportion to bound, and callers report that
+    case explicitly instead of printing a meaningless interval.
+    """
+    if isinstance(successes, bool) or isinstance(n, bool):
+        raise ValueError("successes and n must be integer counts, not booleans")
+    if int(successes) != successes or int(n) != n:
+        raise ValueError(f"successes and n must be integer counts; got {successes!r} and {n!r}")
+    successes, n = int(successes), int(n)
+    if n == 0:
+        raise ValueError("wilson_interval: n = 0 trials, the proportion is undefined (no interval)")
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0; got successes={successes}, n={n}")
+    z = _z_value(level)
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+    # At p = 0 (p = 1) the bound equals 0 (1) exactly; set it so rounding cannot move it.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def proportion_summary(successes: int, n: int, level: float = 0.95) -> dict:
+    """share = successes / n with its Wilson interval: dict(share, low, high, n, successes, level)."""
+    low, high = wilson_interval(successes, n, level)
+    return {"share": int(successes) / int(n), "low": low, "high": high, "n": int(n),
+            "successes": int(successes), "level": level}
+
+
+def _fit_arrays(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same length; got {x.size} and {y.size}")
+    if x.size < 3:
+        raise ValueError(f"a linear fit with an uncertainty needs at least 3 points; got {x.size}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("x and y must be finite (no NaN or infinity)")
+    if np.ptp(x) == 0:
+        raise ValueError("x is constant: the slope of y on x is undefined")
+    return x, y
+
+
+def _batched_ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slope and r^2 of y on x for each row of (m, n) arrays; NaN where a row's x is constant."""
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean(axis=1, keepdims=True)
+    sxx = (xc * xc).sum(axis=1)
+    syy = (yc * yc).sum(axis=1)
+    sxy = (xc * yc).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(sxx > 0, sxy / sxx, np.nan)
+        r2 = np.where((sxx > 0) & (syy > 0), sxy * sxy / (sxx * syy), np.where(sxx > 0, 0.0, np.nan))
+    return slope, r2
+
+
+def linear_fit_with_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0,
+                              level: float = 0.95) -> dict:
+    """Least-squares line y = slope x + intercept with bootstrap intervals.
+
+    The point estimates, r, r^2 and the p-value (t-test of slope = 0, n - 2 degrees of
+    freedom) come from ``scipy.stats.linregress``. The intervals are percentile intervals
+    of the pairs bootstrap (Efron & Tibshirani 1993, ch. 9.5): n_boot resamples of the n
+    (x, y) pairs with replacement drawn by ``numpy.random.default_rng(seed)``; each
+    resample's slope = S_xy / S_xx and r^2 = S_xy^2 / (S_xx S_yy); resamples whose x is
+    constant have no slope and are dropped (their number is returned as ``n_boot_dropped``).
+    Returns dict(slope, intercept, r, r2, p_value, slope_ci, r2_ci, n, n_boot,
+    n_boot_dropped, seed, level).
+    """
+    x, y = _fit_arrays(x, y)
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}")
+    _z_value(level)  # validates level
+    fit = _scipy_stats.linregress(x, y)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(int(n_boot), x.size))
+    slopes, r2s = _batched_ols(x[idx], y[idx])
+    keep = np.isfinite(slopes)
+    if not keep.any():
+        raise ValueError("every bootstrap resample had a constant x; too few distinct x values")
+    tail = 100.0 * (1.0 - level) / 2.0
+    slope_ci = tuple(float(v) for v in np.percentile(slopes[keep], [tail, 100.0 - tail]))
+    r2_ci = tuple(float(v) for v in np.percentile(r2s[keep], [tail, 100.0 - tail]))
+    return {
+        "slope": float(fit.slope), "intercept": float(fit.intercept), "r": float(fit.rvalue),
+        "r2": float(fit.rvalue ** 2), "p_value": float(fit.pvalue), "slope_ci": slope_ci, "r2_ci": r2_ci,
+        "n": int(x.size), "n_boot": int(n_boot), "n_boot_dropped": int((~keep).sum()), "seed": seed,
+        "level": level,
+    }
+
+
+def _save_figure_atomically(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG to a temporary file beside ``path``, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=150, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_regression(x: Sequence[float], y: Sequence[float], labels: Sequence[str] | None, fit: Mapping,
+                    path: str | os.PathLike, xlabel: str = "x", ylabel: str = "y", title: str = "") -> Path:
+    """Scatter of (x, y) annotated with ``labels``, the fitted line of ``fit`` (from
+    ``linear_fit_with_bootstrap``) and R^2 with its bootstrap interval in the legend; PNG."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same length; got {x.size} and {y.size}")
+    if labels is not None and len(labels) != x.size:
+        raise ValueError(f"got {len(labels)} labels for {x.size} points")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    try:
+        ax.scatter(x, y, s=18, alpha=0.8, label=f"data (n = {x.size})")
+        xs = np.linspace(x.min(), x.max(), 100) if x.size else np.array([0.0, 1.0])
+        lo, hi = fit["r2_ci"]
+        level = int(round(100 * fit.get("level", 0.95)))
+        ax.plot(xs, fit["slope"] * xs + fit["intercept"], color="C3",
+                label=(f"y = {fit['slope']:.3g} x {'-' if fit['intercept'] < 0 else '+'} {abs(fit['intercept']):.3g}\n"
+                       f"$R^2$ = {fit['r2']:.3f} [{lo:.3f}, {hi:.3f}] ({level}% bootstrap CI)"))
+        for xi, yi, text in zip(x, y, labels or []):
+            ax.annotate(str(text), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(loc="best", fontsize=8)
+        return _save_figure_atomically(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_proportions(rows: Iterable[Mapping], path: str | os.PathLike, xlabel: str = "", ylabel: str = "share",
+                     title: str = "", reference: float | None = 0.5) -> Path:
+    """Bar chart of shares with their confidence intervals as error bars; PNG.
+
+    ``rows``: mappings with keys label, share, low, high (e.g. ``proportion_summary`` plus a
+    label). ``reference`` draws a dashed horizontal line (parity at 0.5 by default; None
+    for no line).
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("plot_proportions needs at least one row")
+    missing = [key for key in ("label", "share", "low", "high") if key not in rows[0]]
+    if missing:
+        raise ValueError(f"each row needs label, share, low and high; missing {missing}")
+    share = np.array([float(r["share"]) for r in rows])
+    low = np.array([float(r["low"]) for r in rows])
+    high = np.array([float(r["high"]) for r in rows])
+    if ((low > share + 1e-12) | (high < share - 1e-12)).any():
+        raise ValueError("every row needs low <= share <= high")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2.0), 4.5))
+    try:
+        positions = np.arange(len(rows))
+        ax.bar(positions, share, color="C0", alpha=0.8)
+        ax.errorbar(positions, share, yerr=np.vstack([share - low, high - share]), fmt="none", ecolor="black",
+                    capsize=4)
+        if reference is not None:
+            ax.axhline(reference, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(positions)
+        ax.set_xticklabels([str(r["label"]) for r in rows], rotation=30, ha="right")
+        ax.set_ylim(0, 1.05 if high.max() <= 1 else high.max() * 1.05)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        return _save_figure_atomically(fig, path)
+    finally:
+        plt.close(fig)

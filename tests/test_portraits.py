@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_from_scratch.portraits import (RENDER_SIZE, attributes_from_prompt, measure_attributes,
+                                              render_portrait)
+from diffusion_from_scratch.utils import DATA_DIR
+
+
+def test_prompts_name_one_attribute_of_each_kind():
+    prompts = json.loads((DATA_DIR / "prompts.json").read_text())
+    attributes = {name: attributes_from_prompt(p) for name, p in prompts.items()}
+    assert attributes["man"] == {"hair": "short", "clothes": "gray shirt", "scene": "neutral"}
+    assert attributes["female_nurse"] == {"hair": "long", "clothes": "blue scrubs", "scene": "hospital"}
+    assert attributes["male_phil"] == {"hair": "short", "clothes": "tweed jacket", "scene": "library"}
+    with pytest.raises(ValueError, match="hair"):
+        attributes_from_prompt("a man with short black hair and long black hair in a library, gray shirt")
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_attribute_rules_are_at_least_99_percent_accurate_on_held_out_renders(size):
+    prompts = json.loads((DATA_DIR / "prompts.json").read_text())
+    correct = total = 0
+    for k, prompt in enumerate(prompts.values()):
+        truth = attributes_from_prompt(prompt)
+        for i in range(60):  # seeds never used by the dataset generator (different seed family)
+            image = render_portrait(truth, np.random.default_rng([999, k, i]), size)
+            measured = measure_attributes(image)[0]
+            correct += measured["hair"] == truth["hair"] and measured["scene"] == truth["scene"]
+            total += 1
+    assert correct / total >= 0.99, f"{correct}/{total}"
+
+
+def test_measurement_of_hand_made_images():
+    gray = np.full((32, 32, 3), 150, dtype=np.uint8)
+    assert measure_attributes(gray)[0] == {"hair": "none", "scene": "neutral"}
+    warm = gray.copy()
+    warm[..., 0], warm[..., 2] = 170, 100
+    assert measure_attributes(warm)[0]["scene"] == "library"
+    cool = gray.copy()
+    cool[..., 2] = 200
+    assert measure_attributes(cool)[0]["scene"] == "hospital"
+    short, long = gray.copy(), gray.copy()
+    short[4:9, 12:20] = 20  # 5 rows of hair: span 4/32 < 0.3
+    long[4:20, 12:20] = 20  # 16 rows of hair: span > 0.3
+    assert measure_attributes(short)[0]["hair"] == "short"
+    assert measure_attributes(long)[0]["hair"] == "long"
+
+
+def test_render_is_deterministic_and_sized():
+    truth = {"hair": "long", "clothes": "blue scrubs", "scene": "hospital"}
+    a = render_portrait(truth, np.random.default_rng(5), 32)
+    b = render_portrait(truth, np.random.default_rng(5), 32)
+    assert a.size == (32, 32) and np.array_equal(np.asarray(a), np.asarray(b))
+    assert render_portrait(truth, np.random.default_rng(5), RENDER_SIZE).size == (RENDER_SIZE, RENDER_SIZE)
+
+
+def test_batch_tensor_input_matches_pil_input():
+    import torch
+
+    truth = {"hair": "short", "clothes": "tweed jacket", "scene": "library"}
+    image = render_portrait(truth, np.random.default_rng(1), 32)
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+    assert measure_attributes(tensor) == measure_attributes(image) == [{"hair": "short", "scene": "library"}]

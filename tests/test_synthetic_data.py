@@ -1,0 +1,140 @@
+import filecmp
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_script
+
+SCRIPT = "diffusion_from_scratch/synthetic_data.py"
+CLASSES = {"man", "woman", "male_nurse", "female_nurse", "male_phil", "female_phil"}
+
+
+def png_files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*.png"))
+
+
+def check_complete(out: Path, per_class: int, sizes: list[int]) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == per_class * len(CLASSES)
+    listed = sorted(Path(f) for r in rows for f in r["files"].values())
+    assert listed == png_files(out), "manifest and files on disk differ"
+    for path in listed:
+        with Image.open(out / path) as image:
+            image.load()
+            assert image.size[0] == int(path.parts[0])
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+    return rows
+
+
+@pytest.mark.smoke
+def test_layout_manifest_and_byte_identical_reruns(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = run_script(SCRIPT, "--out", str(a), "--per_class", "5", "--sizes", "16,32", "--test_fraction", "0.4")
+    assert "images/s" in result.stdout
+    rows = check_complete(a, 5, [16, 32])
+    assert {r["class"] for r in rows} == CLASSES
+    assert len({r["seed"] for r in rows}) == len(rows), "every image needs its own seed"
+    assert sum(r["split"] == "test" for r in rows) == 2 * len(CLASSES)
+    assert {tuple(sorted(p.name for p in (a / "32" / "train").iterdir()))} == {tuple(sorted(CLASSES))}
+    woman = next(r for r in rows if r["class"] == "female_phil")
+    assert woman["attributes"] == {"hair": "long", "clothes": "tweed jacket", "scene": "library"}
+    run_script(SCRIPT, "--out", str(b), "--per_class", "5", "--sizes", "16,32", "--test_fraction", "0.4")
+    match, mismatch, errors = filecmp.cmpfiles(a, b, [str(p) for p in png_files(a)] + ["manifest.jsonl"], shallow=False)
+    assert not mismatch and not errors
+
+
+@pytest.mark.smoke
+def test_rerun_completes_after_kill_9(tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, str(REPO / SCRIPT), "--out", str(out), "--per_class", "60", "--sizes", "32,64"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.rglob("*.png"))) < 40:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.jsonl").exists(), "the run finished before it could be killed"
+    result = run_script(SCRIPT, "--out", str(out), "--per_class", "60", "--sizes", "32,64")
+    assert "already done" in result.stdout
+    check_complete(out, 60, [32, 64])
+    # the completed set is exactly what an uninterrupted run writes
+    fresh = tmp_path / "fresh"
+    run_script(SCRIPT, "--out", str(fresh), "--per_class", "60", "--sizes", "32,64")
+    _, mismatch, errors = filecmp.cmpfiles(out, fresh, [str(p) for p in png_files(fresh)], shallow=False)
+    assert not mismatch and not errors
+
+
+@pytest.mark.smoke
+def test_shards_together_make_the_whole_set(tmp_path):
+    out = tmp_path / "sharded"
+    for shard in ("0/2", "1/2"):
+        run_script(SCRIPT, "--out", str(out), "--per_class", "4", "--sizes", "16", "--shard", shard)
+    check_complete(out, 4, [16])
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("args, message", [
+    (["--source", "dall-e"], "--source"),
+    (["--per_class", "0"], "--per_class"),
+    (["--sizes", "32,-4"], "--sizes"),
+    (["--sizes", "big"], "--sizes"),
+    (["--test_fraction", "1.5"], "--test_fraction"),
+    (["--shard", "3/2"], "--shard"),
+    (["--epochs", "3"], "unrecognized"),
+])
+def test_bad_flags_fail_cleanly_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "never"
+    result = run_script(SCRIPT, "--out", str(out), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.smoke
+def test_unwritable_out_and_non_pipeline_model(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_script(SCRIPT, "--out", str(blocker / "sub"), "--per_class", "1", check=False)
+    assert result.returncode != 0 and "--out" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    not_a_pipeline = tmp_path / "empty_model"
+    not_a_pipeline.mkdir()
+    out = tmp_path / "sd_out"
+    result = run_script(SCRIPT, "--source", "stable-diffusion", "--model", str(not_a_pipeline), "--out", str(out),
+                        check=False)
+    assert result.returncode != 0 and "--model" in result.stderr and str(not_a_pipeline) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.smoke
+def test_changing_settings_into_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "ds"
+    run_script(SCRIPT, "--out", str(out), "--per_class", "2", "--sizes", "16")
+    before = png_files(out)
+    result = run_script(SCRIPT, "--out", str(out), "--per_class", "2", "--sizes", "16", "--seed", "5", check=False)
+    assert result.returncode != 0 and "other settings" in result.stderr
+    assert png_files(out) == before
+
+
+@pytest.mark.smoke
+def test_stable_diffusion_source_with_a_tiny_pipeline(tmp_path):
+    from tiny_models import save_tiny_sd_pipeline
+
+    model = save_tiny_sd_pipeline(tmp_path / "tiny_sd")
+    out = tmp_path / "sd"
+    args = ["--source", "stable-diffusion", "--model", str(model), "--out", str(out), "--per_class", "2",
+            "--num_inference_steps", "2", "--batch_size", "2", "--test_fraction", "0.5"]
+    run_script(SCRIPT, *args)
+    rows = check_complete(out, 2, [16, 64, 128])
+    assert {r["source"] for r in rows} == {"stable-diffusion"} and rows[0]["model"] == str(model)
+    assert "attributes" not in rows[0]
+    again = tmp_path / "sd_again"
+    run_script(SCRIPT, *args[:5], str(again), *args[6:])
+    _, mismatch, _ = filecmp.cmpfiles(out, again, [str(p) for p in png_files(out)], shallow=False)
+    assert not mismatch, "same seeds must give the same Stable Diffusion images"
