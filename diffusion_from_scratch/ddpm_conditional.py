@@ -186,14 +186,16 @@ def lr_at(step: int, total: int, cfg: dict) -> float:
             return peak * (step + 1) / cfg["warmup_steps"]
         progress = (step - cfg["warmup_steps"]) / max(1, total - cfg["warmup_steps"])
         return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    # OneCycleLR defaults (cosine annealing, pct_start 0.3, div 25, final div 1e4), as torch computes it
-    warm = 0.3 * total - 1
-    start, end = peak / 25, peak / 25 / 1e4
-    if step <= warm:
-        pct = step / max(warm, 1)
-        return end + (start - end) * 0 + (peak - start) * (1 - math.cos(math.pi * pct)) / 2 + start
-    pct = (step - warm) / max(total - 1 - warm, 1)
-    return end + (peak - end) * (1 + math.cos(math.pi * min(pct, 1.0))) / 2
+    # OneCycleLR with torch's defaults (pct_start 0.3, div_factor 25, final_div_factor 1e4, cosine)
+    initial, minimum = peak / 25, peak / 25 / 1e4
+    phase_end = 0.3 * total - 1
+
+    def cosine(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+    if step <= phase_end:
+        return cosine(initial, peak, step / phase_end)
+    return cosine(peak, minimum, min(1.0, (step - phase_end) / (total - 1 - phase_end)))
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -423,7 +425,7 @@ def main(argv: list[str] | None = None) -> Path:
                            cfg["cond_dropout"], cfg["augment"])
             if not torch.isfinite(loss):
                 last = latest_checkpoint(run_dir)
-                raise InputError(f"training loss became {float(loss)} at step {step}; stopped without saving. "
+                raise InputError(f"training loss became {float(loss.detach())} at step {step}; stopped without saving. "
                                  f"Last good checkpoint: {last if last else 'none'}. Try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

@@ -180,3 +180,120 @@ def elbo_classify(score_model: ScoreModel, x0: torch.Tensor, conditions: Sequenc
         "n_evaluated": n_evaluated,
         "timesteps": grid,
     }
+
+
+# ----------------------------------------------------------------------------- command line
+# The script's constants live here, beside main(), so that the library code above stays as it was.
+# Usage: python statistical_auditing/diffusion_classifier.py --model RUN_OR_SD --data DATA [flags];
+# the data, condition and model flags are those of fairface.py (see its docstring).
+
+MODEL = "stabilityai/stable-diffusion-2-1"  # from-scratch run folder, or Stable Diffusion hub id / pipeline folder
+DATA = "HuggingFaceM4/FairFace"  # HF dataset id or save_to_disk folder, FairFace CSV, label CSV, or six-class root
+KIND = "auto"  # data kind: auto | hf | fairface_csv | csv | sixclass
+ATTRIBUTE = "gender"  # label: gender | race (FairFace) | class (six-class data) | a CSV column
+DATA_CONFIG = "0.25"  # Hugging Face dataset config
+SPLIT = ""  # dataset split ("" = train for Hugging Face datasets, test for six-class data)
+IMAGES_ROOT = ""  # CSV kinds: folder the CSV's file paths are relative to ("" = the CSV's folder)
+LABEL_COLUMN = ""  # csv kind: label column ("" = --attribute)
+SIZE = ""  # six-class data: the <size> folder under the root ("" = the only one)
+SKIP_BAD = False  # skip unreadable images (noted on stderr) instead of stopping
+NUM_IMAGES = 250  # images classified
+SELECTION = "first"  # which images: first (dataset order) | random (a seeded random subset)
+RESIZE = -1  # square side (-1 = family default: 512 for SD, the run's size for a pixel model; 0 = keep)
+CANDIDATES = ""  # candidate conditions, candidate i <-> class i ("" = family default for --attribute)
+CLASSES = ""  # class labels the candidates stand for, in order ("" = the dataset's class order)
+N_SAMPLES = 100  # Monte-Carlo timesteps per image (Li et al. / the original: 100)
+LOSS = "l2"  # prediction error: l2 | l1 | huber
+PRUNE = ""  # adaptive evaluation "n1:keep1,n2:keep2" (after n1 timesteps keep the keep1 best candidates, ...)
+SEED = 0  # seed of the shared noise draws (and of --selection random)
+BATCH_SIZE = 8  # images per UNet call (times the number of candidates)
+OUT = "runs/diffusion_classifier"  # output folder: summary.csv, predictions.csv, confusion.csv, config.json
+DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)
+DTYPE = "auto"  # Stable Diffusion only: auto | fp32 | fp16 | bf16
+SCHEDULER = "ddpm"  # Stable Diffusion only: ddpm | ddim | euler
+
+
+def parse_prune(text: str) -> list[tuple[int, int]]:
+    """"20:5,50:1" -> [(20, 5), (50, 1)] (checked against n_samples by ``elbo_classify``)."""
+    if not text.strip():
+        return []
+    stages = []
+    for part in text.split(","):
+        try:
+            n_i, keep_i = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise InputError(f"--prune: expected n:keep pairs such as 20:5,50:1, got {text!r}") from None
+        stages.append((n_i, keep_i))
+    return stages
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Classify labelled images with ``elbo_classify``; print and write accuracy (95% Wilson CI)
+    and UNet evaluations per image."""
+    import time
+    from pathlib import Path
+
+    from diffusion_from_scratch.cli import config_from_constants, constants_of, require
+    from diffusion_from_scratch.utils import atomic_write_json, atomic_write_text
+    from statistical_auditing import fairface as ff
+    from statistical_auditing.labelled_images import KINDS, images_to_tensor
+
+    cfg = config_from_constants(constants_of(globals()), None, argv, choices={
+        "kind": KINDS, "selection": ("first", "random"), "loss": ELBO_LOSSES,
+        "dtype": ("auto", "fp32", "fp16", "bf16"), "scheduler": ("ddpm", "ddim", "euler")},
+        description="Zero-shot diffusion ELBO classifier on labelled images (Li et al. 2023).")
+    require(cfg["num_images"] >= 1, f"--num_images must be >= 1, got {cfg['num_images']}")
+    require(cfg["batch_size"] >= 1, f"--batch_size must be >= 1, got {cfg['batch_size']}")
+    require(cfg["n_samples"] >= 1, f"--n_samples must be >= 1, got {cfg['n_samples']}")
+    prune = parse_prune(cfg["prune"])
+    score_model = ff.load_model(cfg)
+    _, candidates = ff.resolve_conditions(cfg | {"base": ""}, score_model, need_base=False)
+    _check_schedule(prune, cfg["n_samples"], len(candidates))  # bad schedules fail before any image
+    images = ff.open_data(cfg, score_model)
+    classes = ff.resolve_classes(cfg, images, candidates)
+    selected = ff.select_records(images, ff.selected_indices(len(images), cfg["num_images"], cfg["selection"],
+                                                             cfg["seed"]), classes)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg | {"candidates": candidates, "classes": classes})
+
+    predictions, seconds, evals = [], 0.0, 0
+    matrix = [[0] * len(classes) for _ in classes]
+    progress = tqdm(total=len(selected), desc="ELBO classifier", unit="image")
+    for start in range(0, len(selected), cfg["batch_size"]):
+        chunk = [(r, images._decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]  # noqa: SLF001
+        chunk = [(r, image) for r, image in chunk if image is not None]
+        if chunk:
+            x0 = score_model.encode(images_to_tensor([image for _, image in chunk]))
+            began = time.perf_counter()
+            result = elbo_classify(score_model, x0, candidates, n_samples=cfg["n_samples"], loss=cfg["loss"],
+                                   seed=cfg["seed"], prune_schedule=prune)
+            seconds += time.perf_counter() - began
+            for i, ((_, image_id, _, label), _) in enumerate(chunk):
+                pred = int(result["pred"][i])
+                matrix[classes.index(label)][pred] += 1
+                evals += int(result["n_evals"][i])
+                predictions.append({"image_id": image_id, "label": label, "predicted": classes[pred],
+                                    "n_evals": int(result["n_evals"][i]),
+                                    **{f"p_{c}": round(float(p), 6) for c, p in zip(classes, result["probs"][i])}})
+        progress.update(len(selected[start:start + cfg["batch_size"]]))
+    progress.close()
+    require(bool(predictions), f"--data {cfg['data']}: every selected image was unreadable")
+    n = len(predictions)
+    row = ff.accuracy_row("elbo", "", "", cfg["n_samples"], sum(matrix[i][i] for i in range(len(classes))), n,
+                          seconds, evals)
+    atomic_write_text(out / "summary.csv", ff.csv_text([row], ff.SUMMARY_COLUMNS))
+    atomic_write_text(out / "predictions.csv", ff.csv_text(
+        predictions, ["image_id", "label", "predicted", "n_evals"] + [f"p_{c}" for c in classes]))
+    atomic_write_text(out / "confusion.csv", ff.confusion_text(matrix, classes))
+    print(f"ELBO classifier ({cfg['n_samples']} timesteps, {cfg['loss']}"
+          + (f", prune {cfg['prune']}" if prune else "") + f"): accuracy {row['accuracy']:.3f} "
+          f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (95% Wilson, n={n}), {row['evals_per_image']:g} UNet "
+          f"evaluations and {row['seconds_per_image']:.4f} s per image; results in {out}")
+    return {"row": row, "confusion": matrix, "classes": classes, "predictions": predictions}
+
+
+if __name__ == "__main__":
+    from diffusion_from_scratch.cli import run_main
+
+    run_main(main)

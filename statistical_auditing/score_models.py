@@ -78,3 +78,66 @@ class ScoreModel(abc.ABC):
         if not 1 <= k <= n:
             raise InputError(f"k={k} is outside the timestep table: expected 1 <= k <= {n}")
         return int(self.timesteps[-k])
+
+
+class PixelScoreModel(ScoreModel):
+    """A from-scratch run (diffusion_from_scratch/ddpm_conditional.py) as a ScoreModel.
+
+    Pixel space: ``encode`` maps [0, 1] images to [-1, 1] at the run's resolution.
+    Conditions are words: any vocabulary word is projected through the run's saved JL
+    matrix; "" is the unconditional branch (zero word half).
+    """
+
+    def __init__(self, run_dir: str, device: torch.device | None = None, use_ema: bool = True):
+        from diffusion_from_scratch.pipeline import TrainedRun
+
+        self.run = TrainedRun(run_dir, device, use_ema=use_ema)
+        self.device = self.run.device
+        self.model = self.run.model
+        self.prediction_type = self.run.config["prediction"]
+        self.alphas_cumprod = self.run.scheduler.alphas_cumprod.to(self.device)
+        self.timesteps = self.run.scheduler.timesteps.clone()  # 999 ... 0: the training table
+        self.image_size = self.model.config.image_size
+        self._vectors: dict[str, torch.Tensor] = {}
+        self.evaluations = 0  # UNet evaluations (images x conditions), for cost reports
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        images = images.to(self.device, torch.float32)
+        if images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
+                                   align_corners=False).clamp(0, 1)
+        return images * 2 - 1
+
+    def condition_vectors(self, conditions: list[str]) -> torch.Tensor:
+        """Projected word vectors, computed once per word; "" gives the zero (unconditional) vector."""
+        new = [c for c in dict.fromkeys(conditions) if c and c not in self._vectors]
+        if new:
+            for word, vector in zip(new, self.run.word_vectors(new)):
+                self._vectors[word] = vector.to(self.device)
+        zero = torch.zeros(self.model.config.word_dim, device=self.device)
+        return torch.stack([self._vectors[c] if c else zero for c in conditions])
+
+    @torch.no_grad()
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, conditions: list[str]) -> torch.Tensor:
+        b, k = len(x_t), len(conditions)
+        x_t, t = x_t.to(self.device), t.to(self.device).long()
+        vectors = self.condition_vectors(conditions)
+        x_rep = x_t.repeat_interleave(k, dim=0)
+        t_rep = t.repeat_interleave(k, dim=0)
+        out = self.model(x_rep, t_rep, vectors.repeat(b, 1)).view(b, k, *x_t.shape[1:])
+        self.evaluations += b * k
+        return to_epsilon(out.float(), x_t.float(), t, self.alphas_cumprod, self.prediction_type)
+
+
+def load_score_model(spec: str, device: torch.device | None = None, **sd_options) -> ScoreModel:
+    """A from-scratch run folder (has config.json and checkpoints/) or a Stable Diffusion pipeline
+    (hub id or local folder); ``sd_options`` go to StableDiffusionScoreModel.from_pretrained."""
+    from pathlib import Path
+
+    if (Path(spec) / "config.json").is_file() and (Path(spec) / "checkpoints").is_dir():
+        return PixelScoreModel(spec, device)
+    from statistical_auditing.sd_models import StableDiffusionScoreModel
+
+    return StableDiffusionScoreModel.from_pretrained(spec, device=device, **sd_options)

@@ -1,0 +1,252 @@
+"""Cosine heat-maps of noise predictions across prompts and timesteps (ORIGINAL.md section 7).
+
+For every image x (labelled images, as in fairface.py; labels are not used), one noise draw
+eps per image (seeded by the image's id) is shared by every prompt and every k; for each k
+in --k_list the timestep is t = timesteps[-k] (k from the clean end) and the model predicts
+eps(x_t, t, p) for every prompt p (words for a from-scratch run, prompts for Stable
+Diffusion). Two similarity tables, each averaged over the images:
+
+- prompt x prompt, per k:     C_k[p, q] = cos(eps(x_t, t_k, p), eps(x_t, t_k, q));
+- timestep x timestep, per p: D_p[i, j] = cos(eps(x_t_i, t_i, p), eps(x_t_j, t_j, p)),
+  computed from that prompt's own predictions only (the original appended to one list
+  that was never reset between prompts, so its later prompts mixed in earlier ones).
+
+Outputs in --out: prompt_similarity.csv and timestep_similarity.csv (mean, standard
+deviation over images and n per cell), prompt_similarity.png (one annotated panel per k),
+timestep_similarity_p{i}.png (one per prompt), config.json (with the prompts).
+"""
+from __future__ import annotations
+
+import io
+import os
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from statistical_auditing import fairface as ff
+from statistical_auditing.labelled_images import FAIRFACE_HUB_ID, KINDS, images_to_tensor
+from statistical_auditing.score_models import ScoreModel
+
+MODEL = "stabilityai/stable-diffusion-2-1"  # from-scratch run folder, or Stable Diffusion hub id / pipeline folder
+DATA = FAIRFACE_HUB_ID  # HF dataset id or save_to_disk folder, FairFace CSV, label CSV, or six-class dataset root
+KIND = "auto"  # data kind: auto | hf | fairface_csv | csv | sixclass
+ATTRIBUTE = "gender"  # label column the data source needs (not used here)
+DATA_CONFIG = "0.25"  # Hugging Face dataset config
+SPLIT = ""  # dataset split ("" = train for Hugging Face datasets, test for six-class data)
+IMAGES_ROOT = ""  # CSV kinds: folder the CSV's file paths are relative to ("" = the CSV's folder)
+LABEL_COLUMN = ""  # csv kind: label column ("" = --attribute)
+SIZE = ""  # six-class data: the <size> folder under the root ("" = the only one)
+SKIP_BAD = False  # skip unreadable images (noted on stderr) instead of stopping
+NUM_IMAGES = 100  # images averaged over (the original's --num_data)
+SELECTION = "first"  # which images: first (dataset order) | random (a seeded random subset)
+RESIZE = -1  # square side (-1 = family default: 512 for SD, the run's size for a pixel model; 0 = keep)
+PROMPTS = ""  # conditions compared, comma-separated ("|" when prompts contain commas); "" = base + gender candidates
+PROMPTS_FILE = ""  # or a file with one prompt / word per line (overrides --prompts)
+K_LIST = "5,20,100,500"  # comma-separated k: timestep = timesteps[-k], counted from the clean end
+TIMESTEPS_FILE = ""  # or a file with one k per line (overrides --k_list; the original's --timestep_list_file)
+SEED = 0  # base seed: each image's noise is seeded by (seed, image id)
+BATCH_SIZE = 8  # images per UNet call (times the number of prompts)
+OUT = "runs/diff_prompts_same_score"  # output folder
+DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)
+DTYPE = "auto"  # Stable Diffusion only: auto | fp32 | fp16 | bf16
+SCHEDULER = "ddpm"  # Stable Diffusion only: ddpm | ddim | euler
+
+CHOICES = {"kind": KINDS, "selection": ("first", "random"), "dtype": ("auto", "fp32", "fp16", "bf16"),
+           "scheduler": ("ddpm", "ddim", "euler")}
+PRESETS = {"smoke": {"num_images": 2, "k_list": "5,50", "batch_size": 2}}
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarities: vectors (..., N, D) -> (..., N, N) in float64, with
+    C[i, j] = <v_i, v_j> / (|v_i| |v_j|); a zero vector has cosine 0 with everything
+    (and with itself), as ``score_decomp``'s cosine method reports it."""
+    v = vectors.double()
+    norms = torch.linalg.vector_norm(v, dim=-1)
+    unit = v / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(-1)
+    return unit @ unit.transpose(-1, -2)
+
+
+class RunningMoments:
+    """Element-wise mean and standard deviation of a stream of equally shaped tensors (sums of
+    x and x^2 in float64: fine for cosines, which lie in [-1, 1])."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.squares = 0, None, None
+
+    def add(self, batch: torch.Tensor) -> None:
+        """Add every entry of a batch (B, ...)."""
+        batch = batch.double().cpu()
+        total, squares = batch.sum(0), (batch ** 2).sum(0)
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.n += batch.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n
+
+    def std(self) -> torch.Tensor:
+        """Sample standard deviation (n - 1 in the denominator; 0 for a single item)."""
+        if self.n < 2:
+            return torch.zeros_like(self.total)
+        variance = (self.squares - self.total ** 2 / self.n) / (self.n - 1)
+        return variance.clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def batch_predictions(score_model: ScoreModel, x0: torch.Tensor, noise: torch.Tensor, timesteps: Sequence[int],
+                      prompts: list[str]) -> torch.Tensor:
+    """Flattened eps(x_t, t, p) for every timestep and prompt: (B, n_timesteps, n_prompts, D),
+    with x_t = add_noise(x0, noise, t) -- the same noise for every t and p."""
+    out = []
+    for timestep in timesteps:
+        t = torch.full((x0.shape[0],), int(timestep), dtype=torch.long, device=x0.device)
+        x_t = score_model.add_noise(x0, noise.to(x0.device, x0.dtype), t)
+        out.append(score_model.predict_eps(x_t, t, prompts).flatten(2).float().cpu())
+    return torch.stack(out, dim=1)
+
+
+def similarities(predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt x prompt per timestep (B, T, P, P), timestep x timestep per prompt (B, P, T, T))
+    from predictions (B, T, P, D); each prompt's timestep matrix uses its own predictions only."""
+    return cosine_matrix(predictions), cosine_matrix(predictions.transpose(1, 2))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def short_labels(prompts: Sequence[str], width: int = 26) -> list[str]:
+    """Tick labels: prompts longer than ``width`` keep their end (where candidate prompts
+    differ: "..., man"); if two labels would collide, p0, p1, ... (the CSVs hold the text)."""
+    labels = [p if len(p) <= width else "…" + p[-(width - 1):] for p in prompts]
+    return labels if len(set(labels)) == len(labels) else [f"p{i}" for i in range(len(prompts))]
+
+
+def heatmap_figure(matrices: Sequence[torch.Tensor], titles: Sequence[str], labels: Sequence[str], path: Path,
+                   suptitle: str, caption: str = "") -> Path:
+    """One annotated heat-map panel per matrix (colour scale [-1, 1]), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    n = len(matrices)
+    size = max(3.2, 0.55 * len(labels) + 1.8)
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 0.8, size + 0.6), squeeze=False)
+    image = None
+    for ax, matrix, title in zip(axes[0], matrices, titles):
+        values = matrix.numpy()
+        image = ax.imshow(values, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(values[i, j]) > 0.6 else "black")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean cosine similarity")
+    fig.suptitle(suptitle, fontsize=10)
+    if caption:
+        fig.text(0.01, -0.02, caption, fontsize=6, va="top", family="monospace")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    plt.close(fig)
+    return path
+
+
+def resolve_prompts(cfg: dict, score_model: ScoreModel) -> list[str]:
+    if cfg["prompts_file"]:
+        prompts = ff.read_list_file(cfg["prompts_file"], "prompts_file")
+    elif cfg["prompts"]:
+        prompts = ff.split_list(cfg["prompts"], "prompts")
+    else:
+        base, candidates = ff.default_conditions(score_model, "gender")
+        prompts = [base, *candidates]
+    require(len(set(prompts)) == len(prompts), f"the prompts repeat one: {prompts}")
+    return prompts
+
+
+def resolve_ks(cfg: dict) -> list[int]:
+    if cfg["timesteps_file"]:
+        return ff.parse_k_list(",".join(ff.read_list_file(cfg["timesteps_file"], "timesteps_file")),
+                               "timesteps_file")
+    return ff.parse_k_list(cfg["k_list"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = config_from_constants(constants_of(globals()), PRESETS, argv, description=__doc__.splitlines()[0],
+                                choices=CHOICES)
+    require(cfg["num_images"] >= 1, f"--num_images must be >= 1, got {cfg['num_images']}")
+    require(cfg["batch_size"] >= 1, f"--batch_size must be >= 1, got {cfg['batch_size']}")
+    ks = resolve_ks(cfg)
+    score_model = ff.load_model(cfg)
+    timesteps = ff.timesteps_for(score_model, ks)  # a k outside the table stops here, before any image
+    prompts = resolve_prompts(cfg, score_model)
+    images = ff.open_data(cfg, score_model)
+    selected = ff.select_records(images, ff.selected_indices(len(images), cfg["num_images"], cfg["selection"],
+                                                             cfg["seed"]))
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg | {"prompts": prompts,
+                                                  "timesteps": {str(k): t for k, t in timesteps.items()}})
+
+    by_prompt, by_timestep = RunningMoments(), RunningMoments()
+    progress = tqdm(total=len(selected), desc="noise predictions", unit="image")
+    for start in range(0, len(selected), cfg["batch_size"]):
+        chunk = [(r, images._decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]  # noqa: SLF001
+        chunk = [(r, image) for r, image in chunk if image is not None]
+        if chunk:
+            x0 = score_model.encode(images_to_tensor([image for _, image in chunk]))
+            noise = torch.stack([ff.image_noise(x0.shape[1:], cfg["seed"], r[1]) for r, _ in chunk])
+            prompt_sim, timestep_sim = similarities(batch_predictions(score_model, x0, noise,
+                                                                      list(timesteps.values()), prompts))
+            by_prompt.add(prompt_sim)
+            by_timestep.add(timestep_sim)
+        progress.update(len(selected[start:start + cfg["batch_size"]]))
+    progress.close()
+    require(by_prompt.n > 0, f"--data {cfg['data']}: every selected image was unreadable")
+
+    n = by_prompt.n
+    prompt_mean, prompt_std = by_prompt.mean(), by_prompt.std()
+    time_mean, time_std = by_timestep.mean(), by_timestep.std()
+    ks_t = list(timesteps.items())
+    prompt_rows = [{"k": k, "timestep": t, "prompt_a": prompts[a], "prompt_b": prompts[b],
+                    "mean_cosine": round(float(prompt_mean[i, a, b]), 6), "std": round(float(prompt_std[i, a, b]), 6),
+                    "n": n}
+                   for i, (k, t) in enumerate(ks_t) for a in range(len(prompts)) for b in range(len(prompts))]
+    time_rows = [{"prompt": prompts[p], "k_a": ks_t[a][0], "timestep_a": ks_t[a][1], "k_b": ks_t[b][0],
+                  "timestep_b": ks_t[b][1], "mean_cosine": round(float(time_mean[p, a, b]), 6),
+                  "std": round(float(time_std[p, a, b]), 6), "n": n}
+                 for p in range(len(prompts)) for a in range(len(ks_t)) for b in range(len(ks_t))]
+    atomic_write_text(out / "prompt_similarity.csv", ff.csv_text(prompt_rows, list(prompt_rows[0])))
+    atomic_write_text(out / "timestep_similarity.csv", ff.csv_text(time_rows, list(time_rows[0])))
+
+    labels = short_labels(prompts)
+    legend = "\n".join(f"{label}: {textwrap.shorten(p, 110)}" for label, p in zip(labels, prompts))
+    figures = [heatmap_figure([prompt_mean[i] for i in range(len(ks_t))], [f"k={k} (t={t})" for k, t in ks_t],
+                              labels, out / "prompt_similarity.png",
+                              f"cosine of noise predictions, prompt x prompt ({n} images, shared noise)", legend)]
+    time_labels = [f"k={k} (t={t})" for k, t in ks_t]
+    for p, prompt in enumerate(prompts):
+        figures.append(heatmap_figure([time_mean[p]], [textwrap.shorten(prompt, 60)], time_labels,
+                                      out / f"timestep_similarity_p{p}.png",
+                                      f"cosine of noise predictions, timestep x timestep ({n} images)"))
+    print(f"{n} images, {len(prompts)} prompts, k = {ks}: heat-maps and CSVs in {out}")
+    for i, (k, t) in enumerate(ks_t):
+        pairs = ", ".join(f"{labels[a]}~{labels[b]} {float(prompt_mean[i, a, b]):.3f}"
+                          for a in range(len(prompts)) for b in range(a + 1, len(prompts)))
+        print(f"  k={k} (t={t}): {pairs}")
+    return {"prompts": prompts, "timesteps": timesteps, "prompt_mean": prompt_mean, "timestep_mean": time_mean,
+            "n": n, "figures": [os.fspath(f) for f in figures]}
+
+
+if __name__ == "__main__":
+    run_main(main)

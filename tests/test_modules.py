@@ -1,0 +1,61 @@
+import math
+
+import torch
+
+from diffusion_from_scratch.modules import EMA, ConditionalUNet, SelfAttention, UNetConfig, sinusoidal_embedding
+
+
+def test_paper_unet_has_the_original_parameter_count():
+    model = ConditionalUNet(UNetConfig.paper())
+    assert sum(p.numel() for p in model.parameters()) == 23_332_739
+
+
+def test_sinusoidal_embedding_by_hand():
+    emb = sinusoidal_embedding(torch.tensor([0, 1]), 4)  # frequencies 1 and 1/100
+    expected = torch.tensor([[0, 0, 1, 1], [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)]])
+    assert torch.allclose(emb, expected, atol=1e-6)
+
+
+def test_unconditional_rows_have_a_zero_word_half():
+    model = ConditionalUNet(UNetConfig(image_size=8, widths=(4, 8, 8, 8), bottleneck=8, attention=(0,) * 6,
+                                       norm_groups=1, word_scale=3.0))
+    t = torch.tensor([5, 5])
+    emb = model.conditioning(t, None)
+    assert emb.shape == (2, 256) and torch.all(emb[:, 128:] == 0)
+    words = torch.ones(2, 128)
+    assert torch.all(model.conditioning(t, words)[:, 128:] == 3.0)  # scaled word half
+    assert torch.equal(model.conditioning(t, torch.zeros(2, 128)), emb)
+
+
+def test_sdpa_attention_matches_the_explicit_softmax_formula():
+    torch.manual_seed(0)
+    block = SelfAttention(8, heads=2)
+    x = torch.randn(2, 8, 3, 3)
+    tokens = x.flatten(2).transpose(1, 2)
+    q, k, v = block.qkv(block.norm(tokens)).chunk(3, dim=-1)
+    heads = lambda z: z.view(2, 9, 2, 4).transpose(1, 2)  # noqa: E731
+    weights = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(4), dim=-1)
+    attended = (weights @ heads(v)).transpose(1, 2).reshape(2, 9, 8)
+    out = tokens + block.proj(attended)
+    out = out + block.ff(out)
+    assert torch.allclose(block(x), out.transpose(1, 2).reshape(2, 8, 3, 3), atol=1e-5)
+
+
+def test_ema_copies_during_warm_up_then_averages():
+    model, ema_model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(beta=0.9, warmup_steps=1)
+    model.weight.data.fill_(2.0)
+    ema_model.weight.data.fill_(0.0)
+    ema.update(ema_model, model, step=0)
+    assert ema_model.weight.item() == 2.0  # copied
+    model.weight.data.fill_(4.0)
+    ema.update(ema_model, model, step=1)
+    assert abs(ema_model.weight.item() - (0.9 * 2.0 + 0.1 * 4.0)) < 1e-6
+
+
+def test_forward_shapes_for_a_small_config():
+    config = UNetConfig(image_size=16, widths=(8, 16, 16, 16), bottleneck=16, attention=(1, 0, 1, 0, 1, 0),
+                        norm_groups=4, cond_mlp=True)
+    model = ConditionalUNet(config)
+    out = model(torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999]), torch.randn(3, 128))
+    assert out.shape == (3, 3, 16, 16) and torch.isfinite(out).all()
