@@ -18,11 +18,35 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+DATA := data/generated/portraits
+JL_SEEDS ?= 0 1 2
+
+# The embedded end-to-end job: procedural data -> tiny training -> audit. Rerunning resumes.
 demo: install
-	$(PY) diffusion_from_scratch/synthetic_data.py --source procedural --out data/generated/portraits
+	$(PY) diffusion_from_scratch/synthetic_data.py --source procedural --out $(DATA) --sizes 32,64
+	$(PY) diffusion_from_scratch/ddpm_conditional.py --preset tiny --dataset_path $(DATA)/32 --run_dir $(RUN) --resume true
+	$(PY) statistical_auditing/audit.py --run $(RUN)
+	@echo "report: $(RUN)/audit/report.md"
+
+# The full design: word2vec and its hard-debiased control, each with several JL seeds.
+experiment: install
+	$(PY) diffusion_from_scratch/synthetic_data.py --source procedural --out $(DATA) --sizes 32,64
+	for arm in w2v debiased; do for seed in $(JL_SEEDS); do \
+	  debias=$$([ $$arm = debiased ] && echo true || echo false); run=runs/experiment/$$arm-jl$$seed; \
+	  $(PY) diffusion_from_scratch/ddpm_conditional.py --preset tiny --dataset_path $(DATA)/32 --run_dir $$run \
+	    --resume true --debias $$debias --jl_seed $$seed || exit 1; \
+	  $(PY) statistical_auditing/audit.py --run $$run || exit 1; \
+	done; done
+	$(PY) statistical_auditing/combine_audits.py --runs $$(ls -d runs/experiment/*-jl* | paste -sd, -) --out runs/experiment/combined
+	@echo "report: runs/experiment/combined/report.md"
 
 test: install
 	$(PY) -m pytest
 
 test-all: install
 	$(PY) -m pytest -m ""
+
+bench: install
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) bench/train_throughput.py
+	$(PY) bench/simplex_vs_cvxpy.py

@@ -42,15 +42,15 @@ PRESET = "tiny"  # tiny (CPU, minutes) | paper (the original's GPU settings) | s
 DATASET_PATH = "data/generated/portraits/32"  # <root>/<size> holding train/ and test/ class folders
 CLASS_WORDS = str(DATA_DIR / "class_words.json")  # class -> its training words
 RUN_DIR = "runs/tiny"  # output folder of this run
-RESUME = False  # continue the run in RUN_DIR from its latest checkpoint
+RESUME = False  # continue the run in RUN_DIR from its latest checkpoint (starts it if RUN_DIR has none)
 EMBEDDING = "w2v-bundled"  # word-vector source (see word_vectors.py) or a path to a word2vec file
 DEBIAS = False  # hard-debias the word vectors first (Bolukbasi et al. 2016): the control arm
 JL_SEED = 0  # seed of the Gaussian random projection 300 -> JL_DIM
 JL_DIM = 128  # word half of the conditioning vector
 IMAGE_SIZE = 32  # training resolution (images of another size are resized)
-EPOCHS = 12  # passes over all (image, word) pairs
+EPOCHS = 8  # passes over all (image, word) pairs
 MAX_STEPS = 0  # stop after this many optimizer steps (0 = run all epochs)
-BATCH_SIZE = 64  # images per optimizer step (across all processes)
+BATCH_SIZE = 32  # images per optimizer step (across all processes)
 PAIR_ORDER = "shuffled"  # consecutive (3 steps per batch, one per word: the original) | shuffled pairs
 LR = 1e-3  # peak learning rate
 ADAM_EPS = 1e-8  # AdamW epsilon
@@ -58,17 +58,17 @@ WEIGHT_DECAY = 0.0  # AdamW weight decay
 LR_SCHEDULE = "cosine"  # cosine (warm-up + cosine decay) | onecycle (the original) | constant
 WARMUP_STEPS = 100  # linear warm-up for the cosine schedule
 GRAD_CLIP = 1.0  # max gradient norm (0 = off)
-EMA_BETA = 0.999  # EMA decay
+EMA_BETA = 0.995  # EMA decay (horizon ~200 steps, short against a few-thousand-step run)
 EMA_WARMUP = 200  # optimizer steps during which the EMA just copies the model
 COND_DROPOUT = 0.1  # per-sample probability of zeroing the word half (guidance dropout)
 PREDICTION = "v_prediction"  # epsilon (the original) | v_prediction | sample
 BETA_SCHEDULE = "squaredcos_cap_v2"  # linear (1e-4 -> 0.02, the original) | squaredcos_cap_v2 (cosine)
 NUM_TRAIN_TIMESTEPS = 1000  # diffusion steps
-MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting (0 = plain MSE)
+MIN_SNR_GAMMA = 0.0  # min-SNR loss weighting (0 = plain MSE on the target, more weight on high noise)
 AUGMENT = "flip"  # none | flip | crop (Resize 1.25x + RandomResizedCrop 0.8-1, the original)
-WIDTHS = "32,64,128,128"  # channels of inc, down1, down2, down3
-BOTTLENECK = 256  # bottleneck channels
-ATTENTION = "0,1,1,1,1,0"  # self-attention after down1..3 and up1..3 (1 = on)
+WIDTHS = "16,32,96,96"  # channels of inc, down1, down2, down3
+BOTTLENECK = 192  # bottleneck channels
+ATTENTION = "0,1,1,1,0,0"  # self-attention after down1..3 and up1..3 (1 = on)
 NORM_GROUPS = 8  # GroupNorm groups (the original: 1)
 WORD_SCALE = 8.0  # multiplier of the word half (the time half has norm 8)
 COND_MLP = True  # learned MLP on the conditioning vector (EDM-style); False = the original
@@ -206,7 +206,9 @@ def prepare_run(cfg: dict, explicit: set[str]) -> tuple[dict, Path | None]:
         require(checkpoint is None and not (run_dir / "config.json").exists(),
                 f"--run_dir: {run_dir} already holds a run; pass --resume true to continue it or choose another folder")
         return cfg, None
-    require((run_dir / "config.json").is_file(), f"--resume: {run_dir} has no config.json to resume from")
+    if not (run_dir / "config.json").is_file():
+        print(f"--resume: {run_dir} holds no run yet; starting one")
+        return cfg, None
     saved = json.loads((run_dir / "config.json").read_text())["train"]
     clashes = [k for k in explicit if k not in RESUMABLE_OVERRIDES and k in saved and saved[k] != cfg[k]]
     require(not clashes, f"--resume: {', '.join('--' + k for k in clashes)} differ from the saved run; "

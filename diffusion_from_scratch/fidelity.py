@@ -26,6 +26,7 @@ from diffusion_from_scratch.utils import (atomic_write_text, derived_seed, load_
 
 # ----------------------------------------------------------------------------- config
 RUN = "runs/tiny"  # training run folder
+CHECKPOINT = ""  # a checkpoints/step-N folder name of the run (empty = the latest)
 N_PER_WORD = 128  # samples per word and guidance scale
 GUIDANCE = "1,3"  # comma-separated guidance scales (1 = the model's own conditional)
 SAMPLER = "ddim"  # ddpm | ddim | dpm
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         guidances = [float(g) for g in cfg["guidance"].split(",")]
     except ValueError:
         require(False, f"--guidance: expected comma-separated numbers, got {cfg['guidance']!r}")
-    run = TrainedRun(cfg["run"], resolve_device(cfg["device"]))
-    out = Path(cfg["out"] or Path(cfg["run"]) / "fidelity")
+    run = TrainedRun(cfg["run"], resolve_device(cfg["device"]), checkpoint=cfg["checkpoint"])
+    out = Path(cfg["out"] or Path(cfg["run"]) / ("fidelity" + (f"-{cfg['checkpoint']}" if cfg["checkpoint"] else "")))
     seen = [w for w in run.words]
     rows = evaluate(run, seen, cfg["n_per_word"], guidances, cfg["sampler"], cfg["sample_steps"], cfg["seed"],
                     cfg["batch_size"], out)

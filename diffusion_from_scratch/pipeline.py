@@ -185,12 +185,18 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 class TrainedRun:
     """A finished (or running) training run: EMA model, schedule, and word projection."""
 
-    def __init__(self, run_dir: str | Path, device: torch.device | None = None, use_ema: bool = True):
+    def __init__(self, run_dir: str | Path, device: torch.device | None = None, use_ema: bool = True,
+                 checkpoint: str = ""):
         self.run_dir = Path(run_dir)
         config_path = self.run_dir / "config.json"
         if not config_path.is_file():
             raise InputError(f"--run: {self.run_dir} is not a training run folder (no config.json)")
-        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint:  # a specific step-N folder of this run
+            checkpoint = self.run_dir / "checkpoints" / checkpoint
+            if not checkpoint.is_dir():
+                raise InputError(f"--checkpoint: {checkpoint} does not exist")
+        else:
+            checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             raise InputError(f"--run: {self.run_dir} has no checkpoint yet (checkpoints/latest missing)")
         self.config = json.loads(config_path.read_text())

@@ -131,34 +131,39 @@ def short_labels(prompts: Sequence[str], width: int = 26) -> list[str]:
 
 def heatmap_figure(matrices: Sequence[torch.Tensor], titles: Sequence[str], labels: Sequence[str], path: Path,
                    suptitle: str, caption: str = "") -> Path:
-    """One annotated heat-map panel per matrix (colour scale [-1, 1]), saved as a PNG."""
+    """One annotated heat-map panel per matrix, saved as a PNG. The colour scale runs from the
+    smallest value of all panels to 1, shared by the panels: cosines of noise predictions
+    are often all near 1, and a fixed [-1, 1] scale would hide their differences."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
+    low = min(float(m.min()) for m in matrices)
+    low = min(low, 1.0 - 1e-3)  # a non-empty range even when every cosine is 1
     n = len(matrices)
-    size = max(3.2, 0.55 * len(labels) + 1.8)
-    fig, axes = plt.subplots(1, n, figsize=(size * n + 0.8, size + 0.6), squeeze=False)
+    size = max(3.0, 0.5 * len(labels) + 1.6)
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 1.2, size + 0.8), squeeze=False, layout="constrained")
     image = None
     for ax, matrix, title in zip(axes[0], matrices, titles):
         values = matrix.numpy()
-        image = ax.imshow(values, vmin=-1, vmax=1, cmap="RdBu_r")
+        image = ax.imshow(values, vmin=low, vmax=1.0, cmap="viridis")
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_title(title, fontsize=9)
+        middle = (low + 1.0) / 2
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
-                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(values[i, j]) > 0.6 else "black")
+                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=6,
+                        color="black" if values[i, j] > middle else "white")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean cosine similarity")
     fig.suptitle(suptitle, fontsize=10)
     if caption:
-        fig.text(0.01, -0.02, caption, fontsize=6, va="top", family="monospace")
+        fig.supxlabel(caption, fontsize=6, family="monospace", ha="left", x=0.01)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    fig.savefig(buffer, format="png", dpi=150)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -230,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     atomic_write_text(out / "timestep_similarity.csv", ff.csv_text(time_rows, list(time_rows[0])))
 
     labels = short_labels(prompts)
-    legend = "\n".join(f"{label}: {textwrap.shorten(p, 110)}" for label, p in zip(labels, prompts))
+    legend = "" if labels == prompts else "\n".join(f"{label}: {textwrap.shorten(p, 110)}"
+                                                    for label, p in zip(labels, prompts))
     figures = [heatmap_figure([prompt_mean[i] for i in range(len(ks_t))], [f"k={k} (t={t})" for k, t in ks_t],
                               labels, out / "prompt_similarity.png",
                               f"cosine of noise predictions, prompt x prompt ({n} images, shared noise)", legend)]

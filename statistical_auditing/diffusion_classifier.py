@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     prune = parse_prune(cfg["prune"])
     score_model = ff.load_model(cfg)
     _, candidates = ff.resolve_conditions(cfg | {"base": ""}, score_model, need_base=False)
-    _check_schedule(prune, cfg["n_samples"], len(candidates))  # bad schedules fail before any image
+    try:  # a bad schedule fails before any image
+        _check_schedule(prune, cfg["n_samples"], len(candidates))
+    except InputError as error:
+        raise InputError(f"--prune {cfg['prune']!r}: {error}") from None
     images = ff.open_data(cfg, score_model)
     classes = ff.resolve_classes(cfg, images, candidates)
     selected = ff.select_records(images, ff.selected_indices(len(images), cfg["num_images"], cfg["selection"],

@@ -18,12 +18,14 @@ base "person", candidates "man", "woman") or a Stable Diffusion hub id / pipelin
 FairFace races for --attribute race). Lists are comma-separated; when the items contain
 commas (prompts) separate them with "|" instead.
 
-Outputs in --out: per_image/<id>.json (one per image, so a rerun resumes; --shard i/n
-splits the images between processes), summary.csv (method, k, budget, accuracy with a 95%
-Wilson interval, n, seconds and UNet evaluations per image), confusion_k{k}.csv and
-confusion_elbo_n{n}.csv (rows: true class, columns: predicted), report.md, config.json.
-Seconds count the UNet calls and the solver, not decoding or encoding the images (common
-to every method).
+Outputs in --out: per_image/<id>.json (one per image, so a rerun resumes and redoes only
+missing images or ones made with other settings; --shard i/n splits the images between
+processes, and the last shard to finish summarises them all), summary.csv (method, k,
+timestep, budget = noise draws per image (1 for ScoreDecomp, n for the ELBO), accuracy
+with a 95% Wilson interval, n, seconds and UNet evaluations per image, and for two classes
+the AUC of score_1 - score_0), confusion_k{k}.csv and confusion_elbo_n{n}.csv (rows: true
+class, columns: predicted), report.md, config.json. Seconds count the UNet calls and the
+solver, not decoding or encoding the images (common to every method).
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.synthetic_data import parse_shard
-from diffusion_from_scratch.utils import atomic_write_json, atomic_write_text, derived_seed, resolve_device
+from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, derived_seed,
+                                         remove_orphaned_temporaries, resolve_device)
 from statistical_auditing.diffusion_classifier import ELBO_LOSSES, elbo_classify
 from statistical_auditing.labelled_images import (FAIRFACE_HUB_ID, FAIRFACE_RACES, KINDS, LabelledImages,
                                                   images_to_tensor, open_labelled_images)
@@ -88,7 +91,7 @@ SD_BASE = "photo of a person's face"  # the original's base prompt
 PIXEL_BASE = "person"  # the from-scratch vocabulary's neutral word
 SD_RESIZE = 512
 SUMMARY_COLUMNS = ("method", "k", "timestep", "budget", "accuracy", "ci_low", "ci_high", "n", "seconds_per_image",
-                   "evals_per_image")
+                   "evals_per_image", "auc")
 
 
 # ----------------------------------------------------------------------------- flags shared by the scripts
@@ -273,12 +276,26 @@ def confusion_text(matrix: list[list[int]], classes: list[str]) -> str:
     return "".join(",".join(row) + "\n" for row in rows)
 
 
+def binary_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative),
+    ties counting 1/2: the Mann-Whitney U statistic over n_pos * n_neg (Hanley & McNeil 1982).
+    None when either class is absent. Threshold-free: it says whether the scores separate the
+    classes even when a shifted decision threshold (a biased model) spoils the accuracy."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
 def accuracy_row(method: str, k: Any, timestep: Any, budget: int, correct: int, n: int, seconds: float,
-                 evals: float) -> dict:
+                 evals: float, auc: float | None = None) -> dict:
     low, high = wilson_interval(correct, n)
     return {"method": method, "k": k, "timestep": timestep, "budget": budget, "accuracy": round(correct / n, 6),
             "ci_low": round(low, 6), "ci_high": round(high, 6), "n": n,
-            "seconds_per_image": round(seconds / n, 6), "evals_per_image": round(evals / n, 3)}
+            "seconds_per_image": round(seconds / n, 6), "evals_per_image": round(evals / n, 3),
+            "auc": None if auc is None else round(auc, 6)}
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -329,24 +346,28 @@ def summarise(records: list[dict], setup: dict, classes: list[str]) -> tuple[lis
     if n == 0:
         return rows, confusions
 
-    def tally(entries: list[tuple[int, dict]]) -> tuple[int, float, float, list[list[int]]]:
+    def tally(entries: list[tuple[int, dict]]) -> tuple[int, float, float, list[list[int]], float | None]:
         matrix = [[0] * len(classes) for _ in classes]
         for label_index, entry in entries:
             matrix[label_index][entry["pred"]] += 1
         correct = sum(matrix[i][i] for i in range(len(classes)))
-        return correct, sum(e["seconds"] for _, e in entries), sum(e["evals"] for _, e in entries), matrix
+        # two classes: how well the margin score_1 - score_0 separates class 1 from class 0
+        auc = binary_auc([e["scores"][1] - e["scores"][0] for _, e in entries],
+                         [label == 1 for label, _ in entries]) if len(classes) == 2 else None
+        return correct, sum(e["seconds"] for _, e in entries), sum(e["evals"] for _, e in entries), matrix, auc
 
     for k, timestep in setup["timesteps"].items():
-        correct, seconds, evals, matrix = tally([(r["label_index"], r["scoredecomp"][str(k)]) for r in records])
+        correct, seconds, evals, matrix, auc = tally([(r["label_index"], r["scoredecomp"][str(k)]) for r in records])
         rows.append(accuracy_row(f"scoredecomp_{setup['method']}" if setup["method"] != "simplex" else "scoredecomp",
-                                 k, timestep, 1, correct, n, seconds, evals))
+                                 k, timestep, 1, correct, n, seconds, evals, auc))
         confusions[f"k{k}"] = matrix
     for n_samples in setup["elbo_budgets"]:
-        correct, seconds, evals, matrix = tally([(r["label_index"], r["elbo"][str(n_samples)]) for r in records])
+        correct, seconds, evals, matrix, auc = tally([(r["label_index"], r["elbo"][str(n_samples)])
+                                                      for r in records])
         for method in ("elbo", "elbo_matched"):
             listed = n_samples in setup["elbo_listed"] if method == "elbo" else n_samples == setup["elbo_matched"]
             if listed:
-                rows.append(accuracy_row(method, "", "", n_samples, correct, n, seconds, evals))
+                rows.append(accuracy_row(method, "", "", n_samples, correct, n, seconds, evals, auc))
         confusions[f"elbo_n{n_samples}"] = matrix
     return rows, confusions
 
@@ -355,8 +376,9 @@ def report_text(cfg: dict, setup: dict, classes: list[str], rows: list[dict], n_
                 skipped: list[tuple[str, str]]) -> str:
     family = "from-scratch pixel model (words)" if setup["pixel"] else "Stable Diffusion (prompts)"
     lines = ["# ScoreDecomp accuracy on labelled images", "",
-             f"- model: `{cfg['model']}` ({family}); data: `{cfg['data']}` ({setup['kind']}), label `{cfg['attribute']}`",
-             f"- images: {n_done} with results of the first {n_selected} selected; resize {setup['resize']}; "
+             f"- model: `{cfg['model']}` ({family}); data: `{cfg['data']}` ({setup['kind']}), "
+             f"label `{cfg['attribute']}`",
+             f"- images: {n_done} with results of {n_selected} selected ({cfg['selection']}); resize {setup['resize']}; "
              f"seed {cfg['seed']} (noise per image from (seed, image id))",
              f"- base condition: `{setup['base']}`; method: {cfg['method']}",
              "", "| class | candidate |", "|---|---|"]
@@ -367,14 +389,19 @@ def report_text(cfg: dict, setup: dict, classes: list[str], rows: list[dict], n_
         lines += [f"ELBO ({cfg['elbo_loss']} error): budgets {setup['elbo_listed']} timesteps per image, and "
                   f"{setup['elbo_matched']} (elbo_matched: the fewest whose {len(classes)} evaluations each reach "
                   f"ScoreDecomp's {1 + len(classes)}).", ""]
-    lines += ["| method | k | budget | accuracy [95% CI] | n | s / image | UNet evals / image |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| method | k | budget | accuracy [95% CI] | n | s / image | UNet evals / image | AUC |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        auc = "" if row["auc"] is None else f"{row['auc']:.3f}"
         lines.append(f"| {row['method']} | {row['k']} | {row['budget']} | {row['accuracy']:.3f} "
                      f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] | {row['n']} | {row['seconds_per_image']:.4f} | "
-                     f"{row['evals_per_image']:g} |")
+                     f"{row['evals_per_image']:g} | {auc} |")
     if not rows:
-        lines.append("| (no finished image yet) | | | | | | |")
+        lines.append("| (no finished image yet) | | | | | | | |")
+    if len(classes) == 2:
+        lines += ["", f"AUC: how well score({classes[1]}) - score({classes[0]}) separates the two classes, whatever "
+                      f"the threshold (0.5 = not at all). A high AUC with a low accuracy means the scores carry the "
+                      f"label but are shifted towards one candidate: the model's own bias."]
     pending = n_selected - n_done - len(skipped)
     if pending > 0:
         lines += ["", f"{pending} selected images have no result yet (other shards still running, or an "
@@ -415,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "elbo_budgets": setup["elbo_budgets"], "dtype": "" if setup["pixel"] else cfg["dtype"],
                  "scheduler": "" if setup["pixel"] else cfg["scheduler"]}
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temporaries(out)  # half-written results of a killed run
     atomic_write_json(out / "config.json", cfg | {"resolved": settings,
                                                   "timesteps": {str(k): t for k, t in timesteps.items()}})
 
@@ -448,13 +476,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     atomic_write_text(out / "report.md", report_text(cfg, setup, classes, rows, len(records), len(selected),
                                                      images.skipped))
     for row in rows:
+        auc = "" if row["auc"] is None else f", AUC {row['auc']:.3f}"
         print(f"{row['method']:>14} k={row['k']!s:>4} budget={row['budget']:>4}: accuracy {row['accuracy']:.3f} "
-              f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']}), {row['evals_per_image']:g} UNet evals "
-              f"and {row['seconds_per_image']:.4f} s per image")
+              f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (n={row['n']}{auc}), {row['evals_per_image']:g} UNet "
+              f"evals and {row['seconds_per_image']:.4f} s per image")
     if len(records) < len(selected):
         print(f"{len(selected) - len(records)} of {len(selected)} images have no result yet", file=sys.stderr)
     print(f"results in {out}")
-    return {"rows": rows, "confusions": confusions, "classes": classes, "n_done": len(records),
+    return {"rows": rows, "confusions": confusions, "classes": classes, "records": records, "n_done": len(records),
             "n_selected": len(selected), "out": str(out), "setup": setup}
 
 
