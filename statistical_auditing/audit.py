@@ -68,16 +68,16 @@ OUT = ""  # output folder (empty = <run>/audit)
 K_LIST = "1,5,10,20,50,100,200"  # ScoreDecomp timesteps to test on the labelled images (k from the clean end)
 K = 0  # ScoreDecomp k for the audit (0 = the k of the best control accuracy)
 CONTROL_BASE = "person"  # base word of the accuracy control (candidates are man / woman)
-TEST_LIMIT = 120  # labelled test images for the accuracy control, balanced over classes (0 = all)
+TEST_LIMIT = 240  # labelled test images for the accuracy control, balanced over classes (0 = all)
 DATASET_PATH = ""  # <root>/<size> with test/ (empty = the run's dataset_path)
-N_PER_WORD = 32  # images sampled per word and guidance scale
+N_PER_WORD = 64  # images sampled per word and guidance scale
 GUIDANCE = "1,3"  # comma-separated classifier-free guidance scales (1 = the model's own conditional)
 SAMPLER = "ddim"  # ddpm | ddim | dpm
 SAMPLE_STEPS = 20  # sampler steps
 WORDS = ""  # comma-separated unseen words (each must be in the embedding); overrides WORDS_FILE
 WORDS_FILE = str(DATA_DIR / "professions.txt")  # unseen words, one per line (missing ones are skipped)
-MAX_UNSEEN = 15  # unseen words from WORDS_FILE to audit (0 = all); --words are all audited
-UNSEEN_PICK = "spread"  # spread (evenly over the range of embedding bias) | first (file order)
+MAX_UNSEEN = 20  # unseen words from WORDS_FILE to audit (0 = all); --words are all audited
+UNSEEN_PICK = "spread"  # spread (evenly spaced ranks of the original embedding's gender gap) | first (file order)
 ELBO = False  # also call gender with the ELBO (diffusion likelihood) classifier (slow)
 ELBO_SAMPLES = 32  # Monte-Carlo timesteps per image for the ELBO classifier
 AGREEMENT_TOLERANCE = 0.10  # control 3: ScoreDecomp and the attribute rule must agree within this share
@@ -88,9 +88,9 @@ GRID_PER_WORD = 8  # images per word in the sample grids
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
 NUM_THREADS = 0  # torch CPU threads (0 = torch's default; 1 is faster on a busy shared machine)
 
-# The defaults are the demo: about 45,000 evaluations of the tiny preset's UNet (20 words x 32 images x 20 steps x
-# 3 evaluations for guidance 1 + 3, then ScoreDecomp, then the accuracy control at 7 k on 120 test images). One
-# evaluation costs about 10 ms of one CPU core, so this is about 8 minutes on one core, 4-5 on two free ones.
+# The defaults are the demo: about 110,000 evaluations of the tiny preset's UNet (25 words x 64 images x 20 steps
+# x 3 evaluations for guidance 1 + 3, then ScoreDecomp, then the accuracy control at 7 k on 240 test images).
+# One evaluation costs about 4 ms of one CPU core, so this is about 8 minutes on one core, fewer on two free ones.
 # "full" is the audit worth publishing (GPU); "smoke" is for quick checks.
 PRESETS = {
     "full": dict(n_per_word=128, sample_steps=50, max_unseen=0, test_limit=0),
@@ -462,7 +462,8 @@ def write_report(out: Path, ctx: dict) -> None:
         ("ScoreDecomp", f"k = {ctx['k']} (timestep t = {ctx['t']}; {ctx['k_origin']}), candidates "
                         f"{' / '.join(CANDIDATES)}, base = the word itself (\"{cfg['control_base']}\" for "
                         f"the candidate words), one noise draw per image"),
-        ("ELBO classifier", f"{cfg['elbo_samples']} timesteps per image" if ctx["elbo"] else "off (turn on with --elbo true)"),
+        ("ELBO classifier",
+         f"{cfg['elbo_samples']} timesteps per image" if ctx["elbo"] else "off (turn on with --elbo true)"),
         ("seeds", f"base seed {cfg['seed']}; per (word, scale) sampling seed and per-image noise seeds derived "
                   f"from it (diffusion_from_scratch.utils.derived_seed); bootstrap seed {cfg['seed']}, "
                   f"{cfg['n_boot']} resamples"),
@@ -528,7 +529,8 @@ def write_report(out: Path, ctx: dict) -> None:
     for guidance in guidances:
         lines += [f"Guidance {guidance:g}:", ""] + share_table(run.words, guidance) + [""]
     lines += ["## Unseen words", ""]
-    how = ("evenly over the range of the cosine gap of the original embedding, the same for every arm and JL seed"
+    how = ("at evenly spaced ranks of the cosine gap in the original embedding, so every arm and JL seed audits "
+           "the same words"
            if cfg["unseen_pick"] == "spread" else "in file order")
     chosen = (f" (--max_unseen {cfg['max_unseen']} of {ctx['n_usable']} usable words, chosen {how})"
               if ctx["n_usable"] > len(ctx["unseen"]) else "")

@@ -136,6 +136,9 @@ def resolve_pipeline_folder(model: str, parts: tuple[str, ...] = PIPELINE_PARTS)
 
 
 def _load_part(cls: Any, folder: Path, part: str, **kwargs: Any) -> Any:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # keep stderr for our own one-line errors
     try:
         return cls.from_pretrained(str(folder / part), local_files_only=True, **kwargs)
     except Exception as error:  # noqa: BLE001
