@@ -50,3 +50,4 @@ bench: install
 	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) bench/train_throughput.py
 	$(PY) bench/simplex_vs_cvxpy.py
+	$(PY) bench/scoredecomp_vs_elbo.py --run $(RUN)  # needs a trained run (make demo)

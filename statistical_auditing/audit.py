@@ -65,7 +65,7 @@ from statistical_auditing.stats import linear_fit_with_bootstrap, plot_proportio
 # ----------------------------------------------------------------------------- config
 RUN = "runs/tiny"  # training run folder (config.json + checkpoints/)
 OUT = ""  # output folder (empty = <run>/audit)
-K_LIST = "1,5,10,20,50,100,200"  # ScoreDecomp timesteps to test on the labelled images (k from the clean end)
+K_LIST = "1,5,20,100,200,300,400,500,600,700,800,900"  # ScoreDecomp k to test on labelled images (from the clean end; the tiny model separates genders only at high noise)
 K = 0  # ScoreDecomp k for the audit (0 = the k of the best control accuracy)
 CONTROL_BASE = "person"  # base word of the accuracy control (candidates are man / woman)
 TEST_LIMIT = 240  # labelled test images for the accuracy control, balanced over classes (0 = all)
