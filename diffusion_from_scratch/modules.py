@@ -20,7 +20,7 @@ at 64x64 and batch 50. The parameters are laid out as in ``nn.MultiheadAttention
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -1,12 +1,15 @@
 """Shared plumbing: project data files, devices, seeds, atomic writes, image datasets."""
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +133,35 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def plain_csv_value(value: Any) -> Any:
+    """None becomes an empty cell; everything else as csv writes it."""
+    return "" if value is None else value
+
+
+def compact_csv_value(value: Any) -> Any:
+    """Floats with 6 significant digits (NaN -> empty), sequences joined with ';'."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    if isinstance(value, (tuple, list)):
+        return ";".join(str(v) for v in value)
+    return plain_csv_value(value)
+
+
+def csv_text(rows: Iterable[dict], columns: Sequence[str], format_value=plain_csv_value) -> str:
+    """CSV text of ``rows`` with the given columns in order (missing keys -> empty cells)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: format_value(row.get(key, "")) for key in columns})
+    return buffer.getvalue()
+
+
+def compact_csv_text(rows: Iterable[dict], columns: Sequence[str]) -> str:
+    """``csv_text`` with compact numbers (for report tables)."""
+    return csv_text(rows, columns, compact_csv_value)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

@@ -32,7 +32,6 @@ settings resumes instead of resampling.
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import math
@@ -41,7 +40,6 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +50,7 @@ from diffusion_from_scratch.fidelity import bar_failures, expected_shares, forma
 from diffusion_from_scratch.pipeline import SAMPLERS, sample, sampling_scheduler
 from diffusion_from_scratch.portraits import measure_attributes
 from diffusion_from_scratch.utils import (DATA_DIR, REPO_ROOT, atomic_write_bytes, atomic_write_json,
-                                          atomic_write_text, derived_seed, load_class_words, load_prompts,
+                                          atomic_write_text, compact_csv_text, derived_seed, load_class_words, load_prompts,
                                           load_word_list, resolve_device, save_image_grid)
 from diffusion_from_scratch.word_vectors import embedding_bias, load_word_vectors
 from statistical_auditing.diffusion_classifier import elbo_classify
@@ -143,23 +141,6 @@ def fmt_share(row: dict) -> str:
     if not row["n"]:
         return f"n/a (0 of {row['n'] + row.get('n_undetermined', 0)} decided)"
     return f"{row['share']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] ({row['successes']}/{row['n']})"
-
-
-def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _csv_value(row.get(key, "")) for key in columns})
-    return buffer.getvalue()
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    if isinstance(value, (tuple, list)):
-        return ";".join(str(v) for v in value)
-    return value
 
 
 class Timer:
@@ -635,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict:
         control_rows, control_info = accuracy_control(score_model, cfg, dataset, k_list, out)
     k = cfg["k"] or choose_k(control_rows)
     k_origin = "set by --k" if cfg["k"] else f"best accuracy of --k_list {','.join(map(str, k_list))}"
-    atomic_write_text(out / "controls.csv", csv_text(
+    atomic_write_text(out / "controls.csv", compact_csv_text(
         [r | {"chosen": r["k"] == k} for r in control_rows],
         ("k", "t", "n", "correct", "accuracy", "ci_low", "ci_high", "mean_weight_true", "chosen")))
     plot_proportions([{"label": f"k={r['k']}", "share": r["accuracy"], "low": r["ci_low"], "high": r["ci_high"]}
@@ -717,9 +698,9 @@ def main(argv: list[str] | None = None) -> dict:
             if disagree:
                 failed.append("ScoreDecomp vs attribute rule (" + ", ".join(disagree) + ")")
 
-        atomic_write_text(out / "proportions.csv", csv_text(rows, PROPORTION_COLUMNS))
+        atomic_write_text(out / "proportions.csv", compact_csv_text(rows, PROPORTION_COLUMNS))
         if fidelity_rows:
-            atomic_write_text(out / "fidelity.csv", csv_text(fidelity_rows, list(fidelity_rows[0])))
+            atomic_write_text(out / "fidelity.csv", compact_csv_text(fidelity_rows, list(fidelity_rows[0])))
         for guidance in guidances:
             save_image_grid(torch.cat(grids[guidance]), out / f"samples_g{guidance:g}.png",
                             nrow=min(cfg["grid_per_word"], cfg["n_per_word"]), labels=words)
@@ -736,7 +717,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  title=f"{METHOD_NAMES[method]}, guidance {guidance:g} (* = training word)")
                 bar_plots.setdefault(guidance, []).append(plot)
         fits = regression_fits(rows, guidances, methods, cfg, out)
-        atomic_write_text(out / "regression.csv", csv_text(
+        atomic_write_text(out / "regression.csv", compact_csv_text(
             fits, REGRESSION_COLUMNS))
         summary = {
             "run": str(run.run_dir), "run_step": run.step, "embedding": run.config["embedding"],

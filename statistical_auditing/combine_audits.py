@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_text
+from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_text, compact_csv_text
 
 # ----------------------------------------------------------------------------- config
 RUNS = ""  # comma-separated run folders (each audited) or audit folders
@@ -121,16 +121,6 @@ def combine(audits: list[dict]) -> tuple[list[dict], list[dict], list[dict], lis
                          "slope_mean": slope["mean"], "slope_sd": slope["sd"], "slope_min": slope["min"],
                          "slope_max": slope["max"], "r2_mean": r2["mean"], "r2_sd": r2["sd"]})
     return run_rows, arm_rows, fit_rows, arm_fits
-
-
-def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
-                             f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in columns})
-    return buffer.getvalue()
 
 
 def _num(value: float, spec: str = ".2f") -> str:
@@ -260,13 +250,13 @@ def main(argv: list[str] | None = None) -> dict:
         name = f"shares_g{guidance:g}_{method}.png"
         plot_arms(rows, arms, words, out / name, f"{METHOD_NAMES.get(method, method)}, guidance {guidance:g}")
         plots[(guidance, method)] = name
-    atomic_write_text(out / "shares.csv", csv_text(run_rows, list(run_rows[0]) if run_rows else ["run"]))
+    atomic_write_text(out / "shares.csv", compact_csv_text(run_rows, list(run_rows[0]) if run_rows else ["run"]))
     arm_columns = [key for key in (arm_rows[0] if arm_rows else {"arm": None}) if key != "per_run"]
-    atomic_write_text(out / "arms.csv", csv_text(arm_rows, arm_columns))
+    atomic_write_text(out / "arms.csv", compact_csv_text(arm_rows, arm_columns))
     fit_columns = ("run", "arm", "jl_seed", "guidance", "method", "x", "n_words", "slope", "slope_ci_low",
                    "slope_ci_high", "r2", "r2_ci_low", "r2_ci_high")
-    atomic_write_text(out / "regressions.csv", csv_text(fit_rows, fit_columns))
-    atomic_write_text(out / "arm_regressions.csv", csv_text(
+    atomic_write_text(out / "regressions.csv", compact_csv_text(fit_rows, fit_columns))
+    atomic_write_text(out / "arm_regressions.csv", compact_csv_text(
         arm_fits, ("arm", "guidance", "method", "x", "n_runs", "slope_mean", "slope_sd", "slope_min", "slope_max",
                    "r2_mean", "r2_sd")))
     write_report(out, audits, run_rows, arm_rows, fit_rows, arm_fits, plots)

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text
 from statistical_auditing import fairface as ff
 from statistical_auditing.labelled_images import FAIRFACE_HUB_ID, KINDS, images_to_tensor
 from statistical_auditing.score_models import ScoreModel
@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "timestep_b": ks_t[b][1], "mean_cosine": round(float(time_mean[p, a, b]), 6),
                   "std": round(float(time_std[p, a, b]), 6), "n": n}
                  for p in range(len(prompts)) for a in range(len(ks_t)) for b in range(len(ks_t))]
-    atomic_write_text(out / "prompt_similarity.csv", ff.csv_text(prompt_rows, list(prompt_rows[0])))
-    atomic_write_text(out / "timestep_similarity.csv", ff.csv_text(time_rows, list(time_rows[0])))
+    atomic_write_text(out / "prompt_similarity.csv", csv_text(prompt_rows, list(prompt_rows[0])))
+    atomic_write_text(out / "timestep_similarity.csv", csv_text(time_rows, list(time_rows[0])))
 
     labels = short_labels(prompts)
     legend = "" if labels == prompts else "\n".join(f"{label}: {textwrap.shorten(p, 110)}"

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pathlib import Path
 
     from diffusion_from_scratch.cli import config_from_constants, constants_of, require
-    from diffusion_from_scratch.utils import atomic_write_json, atomic_write_text
+    from diffusion_from_scratch.utils import atomic_write_json, atomic_write_text, csv_text
     from statistical_auditing import fairface as ff
     from statistical_auditing.labelled_images import KINDS, images_to_tensor
 
@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(predictions)
     row = ff.accuracy_row("elbo", "", "", cfg["n_samples"], sum(matrix[i][i] for i in range(len(classes))), n,
                           seconds, evals)
-    atomic_write_text(out / "summary.csv", ff.csv_text([row], ff.SUMMARY_COLUMNS))
-    atomic_write_text(out / "predictions.csv", ff.csv_text(
+    atomic_write_text(out / "summary.csv", csv_text([row], ff.SUMMARY_COLUMNS))
+    atomic_write_text(out / "predictions.csv", csv_text(
         predictions, ["image_id", "label", "predicted", "n_evals"] + [f"p_{c}" for c in classes]))
     atomic_write_text(out / "confusion.csv", ff.confusion_text(matrix, classes))
     print(f"ELBO classifier ({cfg['n_samples']} timesteps, {cfg['loss']}"

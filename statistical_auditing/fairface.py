@@ -29,8 +29,6 @@ solver, not decoding or encoding the images (common to every method).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -45,7 +43,7 @@ from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.synthetic_data import parse_shard
-from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, derived_seed,
+from diffusion_from_scratch.utils import (atomic_write_json, csv_text, atomic_write_text, derived_seed,
                                          remove_orphaned_temporaries, resolve_device)
 from statistical_auditing.diffusion_classifier import ELBO_LOSSES, elbo_classify
 from statistical_auditing.labelled_images import (FAIRFACE_HUB_ID, FAIRFACE_RACES, KINDS, LabelledImages,
@@ -262,17 +260,8 @@ def read_result(path: Path, settings: dict) -> dict | None:
     return record if record.get("settings") == settings else None
 
 
-def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    return buffer.getvalue()
-
-
 def confusion_text(matrix: list[list[int]], classes: list[str]) -> str:
-    rows = [[f"true\\predicted"] + classes] + [[c] + [str(v) for v in r] for c, r in zip(classes, matrix)]
+    rows = [["true\\predicted"] + classes] + [[c] + [str(v) for v in r] for c, r in zip(classes, matrix)]
     return "".join(",".join(row) + "\n" for row in rows)
 
 

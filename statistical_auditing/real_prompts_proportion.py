@@ -25,8 +25,6 @@ report.md, config.json.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import sys
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import DATA_DIR, atomic_write_json, atomic_write_text, load_word_list
+from diffusion_from_scratch.utils import DATA_DIR, atomic_write_json, atomic_write_text, csv_text, load_word_list
 from statistical_auditing.labelled_images import UnreadableImage, decode_image, load_hf_dataset
 from statistical_auditing.sd_models import SDTextEncoder, load_hf_model, resolve_device
 from statistical_auditing.stats import linear_fit_with_bootstrap, plot_regression, proportion_summary
@@ -256,15 +254,6 @@ def measure_output_bias(chosen: dict[str, list[tuple[str, Any]]], cfg: dict, dev
 
 CSV_COLUMNS = (["profession", "status", "n_images", "n_man", "y_man_share", "y_low", "y_high"]
                + [f"{v}_{k}" for v in VARIANTS for k in ("cos_man", "cos_woman", "ratio")])
-
-
-def csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    return buffer.getvalue()
 
 
 def fit_variants(rows: list[dict[str, Any]], cfg: dict, out_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from diffusion_from_scratch.portraits import (RENDER_SIZE, attributes_from_prompt, measure_attributes,
                                               render_portrait)
