@@ -29,16 +29,19 @@ demo: install
 	@echo "report: $(RUN)/audit/report.md"
 
 # The full design: word2vec and its hard-debiased control, each with several JL seeds.
+# DATA_ARGS / TRAIN_ARGS / AUDIT_ARGS add flags (e.g. a quick check of the target:
+# make experiment EXPERIMENT=/tmp/exp TRAIN_ARGS="--preset smoke" AUDIT_ARGS="--preset smoke").
+EXPERIMENT ?= runs/experiment
 experiment: install
-	$(PY) diffusion_from_scratch/synthetic_data.py --source procedural --out $(DATA) --sizes 32,64
+	$(PY) diffusion_from_scratch/synthetic_data.py --source procedural --out $(DATA) --sizes 32,64 $(DATA_ARGS)
 	for arm in w2v debiased; do for seed in $(JL_SEEDS); do \
-	  debias=$$([ $$arm = debiased ] && echo true || echo false); run=runs/experiment/$$arm-jl$$seed; \
+	  debias=$$([ $$arm = debiased ] && echo true || echo false); run=$(EXPERIMENT)/$$arm-jl$$seed; \
 	  $(PY) diffusion_from_scratch/ddpm_conditional.py --preset tiny --dataset_path $(DATA)/32 --run_dir $$run \
-	    --resume true --debias $$debias --jl_seed $$seed || exit 1; \
-	  $(PY) statistical_auditing/audit.py --run $$run || exit 1; \
+	    --resume true --debias $$debias --jl_seed $$seed $(TRAIN_ARGS) || exit 1; \
+	  $(PY) statistical_auditing/audit.py --run $$run $(AUDIT_ARGS) || exit 1; \
 	done; done
-	$(PY) statistical_auditing/combine_audits.py --runs $$(ls -d runs/experiment/*-jl* | paste -sd, -) --out runs/experiment/combined
-	@echo "report: runs/experiment/combined/report.md"
+	$(PY) statistical_auditing/combine_audits.py --runs $$(ls -d $(EXPERIMENT)/*-jl* | paste -sd, -) --out $(EXPERIMENT)/combined
+	@echo "report: $(EXPERIMENT)/combined/report.md"
 
 test: install
 	$(PY) -m pytest
@@ -51,3 +54,4 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/simplex_vs_cvxpy.py
 	$(PY) bench/scoredecomp_vs_elbo.py --run $(RUN)  # needs a trained run (make demo)
+	$(PY) bench/sd_time_per_image.py

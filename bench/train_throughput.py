@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 from diffusion_from_scratch import ddpm_conditional
 from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.modules import ConditionalUNet, SelfAttention, UNetConfig
+from diffusion_from_scratch.utils import progress_bar
 
 CONFIGS = "paper-b8,original-b8,paper-b50,tiny"  # comma-separated: paper-b<N> | original-b<N> | tiny
 STEPS = 3  # timed training steps per configuration (the median is reported)
@@ -223,7 +223,7 @@ def time_training(variant: str, batch: int, flops: int, cfg: dict, label: str) -
 
     runs = []
     load_before = os.getloadavg()[0]
-    for i in tqdm(range(cfg["warmup"] + cfg["steps"]), desc=label, unit="step", leave=False, file=sys.stderr):
+    for i in progress_bar(range(cfg["warmup"] + cfg["steps"]), desc=label, unit="step", leave=False, file=sys.stderr):
         with Timed() as timed:
             loss = F.mse_loss(model(x, t, words), target)
             optimizer.zero_grad(set_to_none=True)

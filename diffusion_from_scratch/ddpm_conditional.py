@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.modules import EMA, ConditionalUNet, UNetConfig
@@ -34,7 +33,7 @@ from diffusion_from_scratch.pipeline import (SAMPLERS, latest_checkpoint, load_c
                                              optimizer_state, prefixed, sample, sampling_scheduler,
                                              save_checkpoint, train_scheduler)
 from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, derived_seed, load_class_words, load_split,
-                                          resolve_device, save_image_grid, training_vocabulary)
+                                          resolve_device, save_image_grid, training_vocabulary, progress_bar)
 
 # ----------------------------------------------------------------------------- config
 PRESET = "tiny"  # tiny (CPU, minutes) | paper (the original's GPU settings) | smoke (seconds, tests)
@@ -71,6 +70,7 @@ ATTENTION = "0,1,1,1,0,0"  # self-attention after down1..3 and up1..3 (1 = on)
 NORM_GROUPS = 8  # GroupNorm groups (the original: 1)
 WORD_SCALE = 8.0  # multiplier of the word half (the time half has norm 8)
 COND_MLP = True  # learned MLP on the conditioning vector (EDM-style); False = the original
+SCALE_SHIFT = True  # blocks apply it as h * (1 + scale) + shift (ADM's AdaGN); False = + shift (the original)
 CHANNELS_LAST = True  # channels-last memory format (faster convolutions on CPU)
 PRECISION = "auto"  # auto (fp16 on CUDA, fp32 elsewhere) | fp32 | fp16 | bf16
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
@@ -91,7 +91,7 @@ PRESETS = {
                   weight_decay=0.01, lr_schedule="onecycle", grad_clip=0.0, ema_beta=0.995, ema_warmup=2000,
                   cond_dropout=0.05, prediction="epsilon", beta_schedule="linear", min_snr_gamma=0.0,
                   augment="crop", widths="64,128,256,256", bottleneck=512, attention="1,1,1,1,1,1",
-                  norm_groups=1, word_scale=1.0, cond_mlp=False, channels_last=False, checkpoint_every=2000,
+                  norm_groups=1, word_scale=1.0, cond_mlp=False, scale_shift=False, channels_last=False, checkpoint_every=2000,
                   sample_every=8, sampler="ddpm", sample_steps=1000, dataset_path="data/generated/portraits/64",
                   run_dir="runs/paper"),
     "smoke": dict(epochs=1, max_steps=6, batch_size=8, widths="8,16,16,16", bottleneck=16, attention="0,0,1,0,0,0",
@@ -120,7 +120,7 @@ def unet_config(cfg: dict) -> UNetConfig:
         return UNetConfig(image_size=cfg["image_size"], widths=tuple(ints(cfg["widths"], "widths")),
                           bottleneck=cfg["bottleneck"], attention=tuple(ints(cfg["attention"], "attention")),
                           norm_groups=cfg["norm_groups"], word_dim=cfg["jl_dim"], word_scale=cfg["word_scale"],
-                          cond_mlp=cfg["cond_mlp"], emb_dim=cfg["jl_dim"] + 128)
+                          cond_mlp=cfg["cond_mlp"], scale_shift=cfg["scale_shift"], emb_dim=cfg["jl_dim"] + 128)
     except ValueError as error:
         raise InputError(f"model shape: {error}") from None
 
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     step = start_step
     started = time.perf_counter()
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", disable=not accelerator.is_main_process,
+    progress = progress_bar(total=total_steps, initial=start_step, unit="step", disable=not accelerator.is_main_process,
                     desc=f"training {run_dir.name}")
     model.train()
     while step < total_steps:

@@ -111,14 +111,19 @@ def evaluate(run: TrainedRun, words: list[str], n_per_word: int, guidances: list
             grid = torch.cat([images[i * n_per_word:i * n_per_word + 8] for i in range(len(words))])
             save_image_grid(grid, out / f"samples_guidance{guidance:g}.png", nrow=min(8, n_per_word), labels=words)
         for i, word in enumerate(words):
-            shares = measure(images[i * n_per_word:(i + 1) * n_per_word])
-            target = expected.get(word)
-            failures = bar_failures(word, shares, target) if (target and guidance == 1.0) else []
-            rows.append({"word": word, "guidance": guidance, **shares,
-                         **{f"expected_{k}": v for k, v in (target or {}).items()},
-                         "bar": ("pass" if not failures else "FAIL: " + "; ".join(failures)) if guidance == 1.0 else "",
-                         "sampling_seconds": seconds})
+            rows.append(fidelity_row(word, guidance, images[i * n_per_word:(i + 1) * n_per_word], expected)
+                        | {"sampling_seconds": seconds})
     return rows
+
+
+def fidelity_row(word: str, guidance: float, images: torch.Tensor, expected: dict[str, dict[str, float]]) -> dict:
+    """Measured shares of one word's samples, what its data teaches (if it is a training word)
+    and the bar's verdict at guidance 1 ("pass", "FAIL: ..." or "" at other scales)."""
+    shares = measure(images)
+    target = expected.get(word)
+    failures = bar_failures(word, shares, target) if (target and guidance == 1.0) else []
+    return {"word": word, "guidance": guidance, **shares, **{f"expected_{k}": v for k, v in (target or {}).items()},
+            "bar": ("pass" if not failures else "FAIL: " + "; ".join(failures)) if guidance == 1.0 else ""}
 
 
 def format_table(rows: list[dict]) -> str:

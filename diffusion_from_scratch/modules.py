@@ -43,6 +43,7 @@ class UNetConfig:
     word_dim: int = 128  # JL half of the conditioning vector
     word_scale: float = 1.0  # multiplies the word half (unit JL vectors have norm ~1, the time half ~8)
     cond_mlp: bool = False  # learned MLP on the conditioning vector (EDM-style); False = the original
+    scale_shift: bool = False  # blocks apply the vector as h * (1 + scale) + shift (ADM's AdaGN); False = + shift only
     emb_dim: int = 256  # width of the vector the blocks see (= time_dim + word_dim without the MLP)
 
     def __post_init__(self) -> None:
@@ -89,27 +90,43 @@ class DoubleConv(nn.Module):
         return F.gelu(x + self.net(x)) if self.residual else self.net(x)
 
 
-class Down(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
+class Conditioned(nn.Module):
+    """Applies the conditioning vector to a block's output: h + shift (the original), or
+    h * (1 + scale) + shift with ``scale_shift`` (FiLM / ADM's AdaGN, Dhariwal & Nichol 2021),
+    which lets the word gate features instead of only offsetting them."""
+
+    def __init__(self, channels: int, emb_dim: int, scale_shift: bool):
         super().__init__()
+        self.scale_shift = scale_shift
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, channels * (2 if scale_shift else 1)))
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        e = self.emb(emb)[:, :, None, None]
+        if not self.scale_shift:
+            return h + e
+        scale, shift = e.chunk(2, dim=1)
+        return h * (1 + scale) + shift
+
+
+class Down(Conditioned):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift: bool = False):
+        super().__init__(cout, emb_dim, scale_shift)
         self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(cin, cin, residual=True, groups=groups),
                                   DoubleConv(cin, cout, groups=groups))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + self.emb(emb)[:, :, None, None]
+        return super().forward(self.conv(x), emb)
 
 
-class Up(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
-        super().__init__()
+class Up(Conditioned):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift: bool = False):
+        super().__init__(cout, emb_dim, scale_shift)
         self.conv = nn.Sequential(DoubleConv(cin, cin, residual=True, groups=groups),
                                   DoubleConv(cin, cout, cin // 2, groups=groups))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        return self.conv(torch.cat([skip, x], dim=1)) + self.emb(emb)[:, :, None, None]
+        return super().forward(self.conv(torch.cat([skip, x], dim=1)), emb)
 
 
 class SelfAttention(nn.Module):
@@ -141,7 +158,7 @@ class ConditionalUNet(nn.Module):
         super().__init__()
         self.config = config
         c0, c1, c2, c3 = config.widths
-        g, e = config.norm_groups, config.emb_dim
+        g, e, ss = config.norm_groups, config.emb_dim, config.scale_shift
         # Training words' projected vectors, moved with the model and saved with it.
         table = word_table if word_table is not None else torch.zeros(0, config.word_dim)
         self.register_buffer("word_table", table.float().clone(), persistent=True)
@@ -153,15 +170,15 @@ class ConditionalUNet(nn.Module):
 
         a = config.attention
         self.inc = DoubleConv(config.in_channels, c0, groups=g)
-        self.down1, self.sa1 = Down(c0, c1, e, g), attention(a[0], c1)
-        self.down2, self.sa2 = Down(c1, c2, e, g), attention(a[1], c2)
-        self.down3, self.sa3 = Down(c2, c3, e, g), attention(a[2], c3)
+        self.down1, self.sa1 = Down(c0, c1, e, g, ss), attention(a[0], c1)
+        self.down2, self.sa2 = Down(c1, c2, e, g, ss), attention(a[1], c2)
+        self.down3, self.sa3 = Down(c2, c3, e, g, ss), attention(a[2], c3)
         self.bot = nn.Sequential(DoubleConv(c3, config.bottleneck, groups=g),
                                  DoubleConv(config.bottleneck, config.bottleneck, groups=g),
                                  DoubleConv(config.bottleneck, c3, groups=g))
-        self.up1, self.sa4 = Up(c3 + c2, c1, e, g), attention(a[3], c1)
-        self.up2, self.sa5 = Up(c1 + c1, c0, e, g), attention(a[4], c0)
-        self.up3, self.sa6 = Up(c0 + c0, c0, e, g), attention(a[5], c0)
+        self.up1, self.sa4 = Up(c3 + c2, c1, e, g, ss), attention(a[3], c1)
+        self.up2, self.sa5 = Up(c1 + c1, c0, e, g, ss), attention(a[4], c0)
+        self.up3, self.sa6 = Up(c0 + c0, c0, e, g, ss), attention(a[5], c0)
         self.outc = nn.Conv2d(c0, config.out_channels, 1)
 
     def conditioning(self, t: torch.Tensor, word_vectors: torch.Tensor | None) -> torch.Tensor:

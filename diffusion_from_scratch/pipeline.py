@@ -87,6 +87,8 @@ def sample(model: torch.nn.Module, word_vectors: torch.Tensor, scheduler, guidan
         words = word_vectors[start:start + batch_size].to(device)
         n = len(words)
         x = torch.randn(n, config.in_channels, config.image_size, config.image_size, generator=generator).to(device)
+        # multistep solvers keep a step index and past outputs: start each batch afresh
+        scheduler.set_timesteps(len(scheduler.timesteps))
         for t in scheduler.timesteps:
             t_batch = torch.full((n,), int(t), device=device, dtype=torch.long)
             if guidance == 1.0:

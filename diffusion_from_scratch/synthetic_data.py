@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.portraits import RENDER_SIZE, attributes_from_prompt, render_portrait
 from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_bytes, atomic_write_json, derived_seed,
                                           load_prompts, remove_orphaned_temporaries, resolve_device,
-                                          write_jsonl)
+                                          write_jsonl, progress_bar)
 
 # ----------------------------------------------------------------------------- config
 SOURCE = "procedural"  # procedural (built-in renderer, CPU) | stable-diffusion (the paper's data)
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> Path:
           f"(shard {shard_index}/{shard_count}); writing {n_pending} to {out}")
 
     started = time.perf_counter()
-    with tqdm(total=n_pending, unit="img", desc=f"{cfg['source']} images") as progress:
+    with progress_bar(total=n_pending, unit="img", desc=f"{cfg['source']} images") as progress:
         for batch in pending:
             torch.manual_seed(batch[0]["seed"])  # the SDE scheduler's noise seed comes from the global RNG
             images = source.generate(batch[0]["class"], batch[0]["prompt"], [r["seed"] for r in batch])

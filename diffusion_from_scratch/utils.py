@@ -6,10 +6,13 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from tqdm import tqdm
 
 import numpy as np
 import torch
@@ -226,3 +229,11 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int, labels: list[st
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
+    """A tqdm bar that redraws at most every 30 s when stderr is not a terminal, so that logs
+    of long runs (nohup, CI) stay readable; interactive use keeps tqdm's defaults."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(iterable, **kwargs)

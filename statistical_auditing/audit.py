@@ -43,15 +43,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.fidelity import bar_failures, expected_shares, format_table, measure
+from diffusion_from_scratch.fidelity import expected_shares, fidelity_row, format_table
 from diffusion_from_scratch.pipeline import SAMPLERS, sample, sampling_scheduler
 from diffusion_from_scratch.portraits import measure_attributes
 from diffusion_from_scratch.utils import (DATA_DIR, REPO_ROOT, atomic_write_bytes, atomic_write_json,
                                           atomic_write_text, compact_csv_text, derived_seed, load_class_words, load_prompts,
-                                          load_word_list, resolve_device, save_image_grid)
+                                          load_word_list, resolve_device, save_image_grid, progress_bar)
 from diffusion_from_scratch.word_vectors import embedding_bias, load_word_vectors
 from statistical_auditing.diffusion_classifier import elbo_classify
 from statistical_auditing.labelled_images import CLASS_WORDS, images_to_tensor, open_labelled_images
@@ -195,7 +194,7 @@ def load_test_images(dataset: Path, class_words: dict, image_size: int, limit: i
         atomic_write_json(words_path, class_words)
     source = open_labelled_images(str(dataset), kind="sixclass", attribute="gender", split="test",
                                   class_words=words_path, resize=image_size)
-    records = list(tqdm(source, total=len(source), desc="loading test images", leave=False))
+    records = list(progress_bar(source, total=len(source), desc="loading test images", leave=False))
     if not records:
         raise InputError(f"{dataset / 'test'}: no test images")
     if limit and limit < len(records):
@@ -633,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
     counts = {"sampled": 0, "cached": 0}
     pairs = [(g, w) for g in guidances for w in words]
     with timer("sampling and calling gender"):
-        for guidance, word in tqdm(pairs, desc="(scale, word) sample sets"):
+        for guidance, word in progress_bar(pairs, desc="(scale, word) sample sets"):
             images, from_cache = cached_samples(run, word, vectors[word], guidance, cfg, out / "samples")
             counts["cached" if from_cache else "sampled"] += 1
             grids[guidance].append(images[:cfg["grid_per_word"]])
@@ -648,13 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(method_row(word, is_seen, guidance, "attribute", female, n, undetermined, math.nan, "",
                                        k, embedding[word]))
                 if is_seen:
-                    shares = measure(images)
-                    target = expected.get(word)
-                    failures = bar_failures(word, shares, target) if (target and guidance == 1.0) else []
-                    fidelity_rows.append({"word": word, "guidance": guidance, **shares,
-                                          **{f"expected_{key}": v for key, v in (target or {}).items()},
-                                          "bar": ("pass" if not failures else "FAIL: " + "; ".join(failures))
-                                          if guidance == 1.0 else ""})
+                    fidelity_rows.append(fidelity_row(word, guidance, images, expected))
             if cfg["elbo"]:
                 female, n, prob = elbo_calls(score_model, images, derived_seed(cfg["seed"], "elbo", word), cfg)
                 rows.append(method_row(word, is_seen, guidance, "elbo", female, n, len(images) - n, prob, "",

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text
+from diffusion_from_scratch.utils import (atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text,
+                                          progress_bar)
 from statistical_auditing import fairface as ff
 from statistical_auditing.labelled_images import FAIRFACE_HUB_ID, KINDS, images_to_tensor
 from statistical_auditing.score_models import ScoreModel
@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   "timesteps": {str(k): t for k, t in timesteps.items()}})
 
     by_prompt, by_timestep = RunningMoments(), RunningMoments()
-    progress = tqdm(total=len(selected), desc="noise predictions", unit="image")
+    progress = progress_bar(total=len(selected), desc="noise predictions", unit="image")
     for start in range(0, len(selected), cfg["batch_size"]):
-        chunk = [(r, images._decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]  # noqa: SLF001
+        chunk = [(r, images.decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]
         chunk = [(r, image) for r, image in chunk if image is not None]
         if chunk:
             x0 = score_model.encode(images_to_tensor([image for _, image in chunk]))

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError
+from diffusion_from_scratch.utils import progress_bar
 from statistical_auditing.score_models import ScoreModel
 
 ELBO_LOSSES = ("l2", "l1", "huber")
@@ -145,7 +145,7 @@ def elbo_classify(score_model: ScoreModel, x0: torch.Tensor, conditions: Sequenc
     n_evaluated = torch.zeros(B, K, dtype=torch.long)
     alive = torch.ones(B, K, dtype=torch.bool)
     n_evals = torch.zeros(B, dtype=torch.long)
-    for step, i in enumerate(tqdm(order.tolist(), desc="ELBO timesteps", disable=not progress)):
+    for step, i in enumerate(progress_bar(order.tolist(), desc="ELBO timesteps", disable=not progress)):
         if step in prune_at:
             # Every survivor has the same number of evaluations here: sums rank like means.
             masked = torch.where(alive, error_sum, torch.full_like(error_sum, float("inf")))
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     predictions, seconds, evals = [], 0.0, 0
     matrix = [[0] * len(classes) for _ in classes]
-    progress = tqdm(total=len(selected), desc="ELBO classifier", unit="image")
+    progress = progress_bar(total=len(selected), desc="ELBO classifier", unit="image")
     for start in range(0, len(selected), cfg["batch_size"]):
-        chunk = [(r, images._decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]  # noqa: SLF001
+        chunk = [(r, images.decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]
         chunk = [(r, image) for r, image in chunk if image is not None]
         if chunk:
             x0 = score_model.encode(images_to_tensor([image for _, image in chunk]))

@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.synthetic_data import parse_shard
 from diffusion_from_scratch.utils import (atomic_write_json, csv_text, atomic_write_text, derived_seed,
-                                         remove_orphaned_temporaries, resolve_device)
+                                         remove_orphaned_temporaries, resolve_device, progress_bar)
 from statistical_auditing.diffusion_classifier import ELBO_LOSSES, elbo_classify
 from statistical_auditing.labelled_images import (FAIRFACE_HUB_ID, FAIRFACE_RACES, KINDS, LabelledImages,
                                                   images_to_tensor, open_labelled_images)
@@ -217,11 +216,11 @@ def selected_indices(n_records: int, n: int, selection: str = "first", seed: int
 def select_records(images: LabelledImages, indices: Sequence[int], classes: list[str] | None = None
                    ) -> list[tuple[int, str, Any, str]]:
     """(index, image id, undecoded source, label) of the records at ``indices``; every label must
-    be one of ``classes`` (unless None). The records are read without decoding the images (``_records``), so images
+    be one of ``classes`` (unless None). The records are read without decoding the images (``records``), so images
     that are already done, or belong to another shard, cost nothing."""
     wanted, last = set(indices), max(indices, default=-1)
     selected = []
-    for index, (image_id, source, label) in enumerate(images._records()):  # noqa: SLF001 -- see docstring
+    for index, (image_id, source, label) in enumerate(images.records()):
         if index > last:
             break
         if index not in wanted:
@@ -441,10 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(selected)} images selected, {len(mine)} in shard {shard_index}/{shard_count}: "
           f"{len(mine) - len(todo)} already done, {len(todo)} to do"
           + (f" ({stale} made with other settings are redone)" if stale else ""), flush=True)
-    progress = tqdm(total=len(todo), desc="ScoreDecomp" + (" + ELBO" if cfg["elbo"] else ""), unit="image")
+    progress = progress_bar(total=len(todo), desc="ScoreDecomp" + (" + ELBO" if cfg["elbo"] else ""), unit="image")
     for start in range(0, len(todo), cfg["batch_size"]):
         chunk = todo[start:start + cfg["batch_size"]]
-        decoded = [(r, images._decode(r[1], r[2])) for r in chunk]  # noqa: SLF001 -- None when skipped as bad
+        decoded = [(r, images.decode(r[1], r[2])) for r in chunk]  # None when skipped as bad
         decoded = [(r, image) for r, image in decoded if image is not None]
         if decoded:
             x0 = score_model.encode(images_to_tensor([image for _, image in decoded]))

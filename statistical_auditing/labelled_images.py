@@ -95,7 +95,7 @@ def decode_image(image_id: str, source: Any) -> Image.Image:
 class LabelledImages(abc.ABC):
     """An iterable of (image_id, PIL RGB image, label); ``classes`` lists the label set.
 
-    Subclasses provide ``_records``: (image_id, source, label) with source a path, bytes,
+    Subclasses provide ``records``: (image_id, source, label) with source a path, bytes,
     or a ``datasets`` image dict ({"bytes", "path"}); decoding, resizing, the limit and
     the bad-image policy live here.
     """
@@ -113,7 +113,8 @@ class LabelledImages(abc.ABC):
         self.skipped: list[tuple[str, str]] = []
 
     @abc.abstractmethod
-    def _records(self) -> Iterator[tuple[str, Any, str]]: ...
+    def records(self) -> Iterator[tuple[str, Any, str]]:
+        """(image id, undecoded source, label) of every record, in dataset order, without ``limit``."""
 
     @abc.abstractmethod
     def _count(self) -> int: ...
@@ -123,7 +124,8 @@ class LabelledImages(abc.ABC):
         n = self._count()
         return n if self.limit is None else min(n, self.limit)
 
-    def _decode(self, image_id: str, source: Any) -> Image.Image | None:
+    def decode(self, image_id: str, source: Any) -> Image.Image | None:
+        """The record's image, resized; None when it is unreadable and ``skip_bad`` is set."""
         try:
             image = decode_image(image_id, source)
         except UnreadableImage as error:
@@ -138,8 +140,8 @@ class LabelledImages(abc.ABC):
         yielded = 0
         if self.limit == 0:
             return
-        for image_id, source, label in self._records():
-            image = self._decode(image_id, source)
+        for image_id, source, label in self.records():
+            image = self.decode(image_id, source)
             if image is None:
                 continue
             yield image_id, image, label
@@ -227,7 +229,7 @@ class HuggingFaceImages(LabelledImages):
     def _count(self) -> int:
         return len(self.dataset)
 
-    def _records(self) -> Iterator[tuple[str, Any, str]]:
+    def records(self) -> Iterator[tuple[str, Any, str]]:
         for index, row in enumerate(self.dataset):
             value = row[self.attribute]
             label = self._names[value] if self._names is not None else _normalise(self.attribute, value)
@@ -274,7 +276,7 @@ class CSVImages(LabelledImages):
     def _count(self) -> int:
         return len(self.rows)
 
-    def _records(self) -> Iterator[tuple[str, Any, str]]:
+    def records(self) -> Iterator[tuple[str, Any, str]]:
         for file, label in self.rows:
             yield file, self.images_root / file, label
 
@@ -354,7 +356,7 @@ class SixClassImages(LabelledImages):
     def _count(self) -> int:
         return len(self.files)
 
-    def _records(self) -> Iterator[tuple[str, Any, str]]:
+    def records(self) -> Iterator[tuple[str, Any, str]]:
         for path, label in self.files:
             yield str(path.relative_to(self.folder)), path, label
 

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import DATA_DIR, atomic_write_json, atomic_write_text, csv_text, load_word_list
+from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, csv_text, load_word_list,
+                                          progress_bar)
 from statistical_auditing.labelled_images import UnreadableImage, decode_image, load_hf_dataset
 from statistical_auditing.sd_models import SDTextEncoder, load_hf_model, resolve_device
 from statistical_auditing.stats import linear_fit_with_bootstrap, plot_regression, proportion_summary
@@ -146,7 +146,7 @@ def measure_embedding_bias(professions: list[str], cfg: dict, device: torch.devi
     """profession -> {variant_cos_man, variant_cos_woman, variant_ratio} for every variant."""
     encoder = SDTextEncoder.from_pretrained(cfg["model"], dtype=cfg["dtype"], device=device)
     results: dict[str, dict[str, float]] = {}
-    for profession in tqdm(professions, desc="embedding bias", unit="profession"):
+    for profession in progress_bar(professions, desc="embedding bias", unit="profession"):
         prompts = prompts_for(profession, cfg)
         row: dict[str, float] = {}
         pooled = encoder.pooled(prompts, tuple(POOLING_OF[v] for v in VARIANTS))
@@ -190,7 +190,7 @@ def collect_images(dataset: Any, professions: list[str], cfg: dict) -> tuple[dic
         generator = None if cfg["generator"] == "all" else cfg["generator"]
         keys = {normalise_profession(p): p for p in professions}
         chosen: dict[str, list[tuple[str, Any]]] = {p: [] for p in professions}
-        progress = tqdm(desc="scanning stream", unit="row")
+        progress = progress_bar(desc="scanning stream", unit="row")
         for index, row in enumerate(dataset):
             progress.update()
             if generator is None or row.get(gen_col) == generator:
@@ -227,7 +227,7 @@ def measure_output_bias(chosen: dict[str, list[tuple[str, Any]]], cfg: dict, dev
     model = load_hf_model(CLIPModel, cfg["clip_model"], "CLIP model").to(device).eval()
     processor = load_hf_model(CLIPProcessor, cfg["clip_model"], "CLIP processor")
     results, notes = {}, []
-    for profession, items in tqdm(chosen.items(), desc="output bias (CLIP)", unit="profession"):
+    for profession, items in progress_bar(chosen.items(), desc="output bias (CLIP)", unit="profession"):
         images = []
         for image_id, source in items:
             try:

@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.utils import derived_seed
+from diffusion_from_scratch.utils import derived_seed, progress_bar
 from statistical_auditing.score_models import ScoreModel
 from statistical_auditing.stats import wilson_interval
 from statistical_auditing.utils_classifier import score_decomp
@@ -128,7 +127,7 @@ def gender_accuracy_by_k(score_model: ScoreModel, images: torch.Tensor, labels: 
     weight_true = {int(k): 0.0 for k in k_list}
     steps = [(int(k), start) for start in range(0, len(images), batch_size) for k in k_list]
     x0_cache: tuple[int, torch.Tensor] | None = None
-    for k, start in tqdm(steps, desc="ScoreDecomp accuracy (k x batches)", disable=not progress):
+    for k, start in progress_bar(steps, desc="ScoreDecomp accuracy (k x batches)", disable=not progress):
         if x0_cache is None or x0_cache[0] != start:
             x0_cache = (start, score_model.encode(images[start:start + batch_size]))
         x0 = x0_cache[1]

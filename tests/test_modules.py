@@ -59,3 +59,20 @@ def test_forward_shapes_for_a_small_config():
     model = ConditionalUNet(config)
     out = model(torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999]), torch.randn(3, 128))
     assert out.shape == (3, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_scale_shift_conditioning_by_hand():
+    """h * (1 + scale) + shift with scale_shift (AdaGN), h + shift without."""
+    from diffusion_from_scratch.modules import Conditioned
+
+    h, emb = torch.full((1, 2, 1, 1), 3.0), torch.zeros(1, 4)
+    film = Conditioned(2, 4, scale_shift=True)
+    with torch.no_grad():
+        film.emb[1].weight.zero_()
+        film.emb[1].bias.copy_(torch.tensor([0.5, -1.0, 10.0, 20.0]))  # scales 0.5, -1; shifts 10, 20
+    assert torch.equal(film(h, emb).flatten(), torch.tensor([3 * 1.5 + 10, 3 * 0.0 + 20]))
+    shift_only = Conditioned(2, 4, scale_shift=False)
+    with torch.no_grad():
+        shift_only.emb[1].weight.zero_()
+        shift_only.emb[1].bias.copy_(torch.tensor([1.0, 2.0]))
+    assert torch.equal(shift_only(h, emb).flatten(), torch.tensor([4.0, 5.0]))
