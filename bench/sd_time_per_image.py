@@ -83,7 +83,9 @@ def sd21_random(device: torch.device, dtype: torch.dtype, seed: int) -> StableDi
                                         **SD21_TEXT))
     unet, vae = UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD21_VAE)
     for module, module_dtype in ((text, dtype), (unet, dtype), (vae, torch.float32)):  # SD VAEs run in fp32
-        module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
+        module.to(device).eval().requires_grad_(False)
+        if module_dtype != torch.float32:  # built in fp32; casting a float32 model warns needlessly
+            module.to(module_dtype)
     components = SDComponents(folder=Path("<stable-diffusion-2-1 architecture, random weights>"),
                               tokenizer=tokenizer, text_encoder=text, vae=vae, unet=unet,
                               scheduler=DDPMScheduler(**SD21_SCHEDULER), device=device, dtype=dtype)

@@ -236,4 +236,5 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     of long runs (nohup, CI) stay readable; interactive use keeps tqdm's defaults."""
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
+        kwargs.setdefault("maxinterval", max(30.0, kwargs["mininterval"]))  # tqdm's monitor redraws after this
     return tqdm(iterable, **kwargs)

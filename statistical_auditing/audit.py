@@ -15,14 +15,24 @@ model draws for it, including words it never saw in training? The audit
    (2) samples N images per training word and measures them with the portrait attribute
        rules (hair long -> female-presenting, short -> male-presenting): does the model obey
        its conditioning? (diffusion_from_scratch/fidelity.py's table and acceptance bar);
-   (3) on those samples, ScoreDecomp's female share against the attribute rule's share;
+   (3) on those samples, ScoreDecomp's female share against the attribute rule's share, both
+       on the images the attribute rule can call (hair detected);
 2. samples N images for each unseen word (data/professions.txt by default) at each guidance
    scale and calls the gender of every image with (a) the attribute rule (procedural data
-   only), (b) ScoreDecomp with the model's own scores (base = the word, candidates "man" /
-   "woman"), (c) optionally the ELBO classifier;
+   only), (b) ScoreDecomp with the model's own scores (candidates "man" / "woman", base
+   --scoredecomp_base: "person" by default, see below), (c) optionally the ELBO classifier;
 3. reports each word's female share with its 95% interval, the word's embedding bias
    (cos(w, woman) - cos(w, man)) before and after the run's JL projection, and regresses
    the share on the embedding bias over the unseen words (bootstrap intervals).
+
+ScoreDecomp's base. The weights of eps(x_t, base) ~ w_man eps(x_t, man) + w_woman eps(x_t, woman)
+are the image's posterior gender probabilities when the base's data is the mixture of the
+candidates' data (p(x | person) = sum_g p(g | person) p(x | g), hence
+grad log p(x_t | person) = sum_g p(g | x_t, person) grad log p(x_t | g)). "person" is trained on
+exactly that mixture. An unseen word's own score is not such a mixture (its scene and look
+differ from both candidates), so with base = the word itself (--scoredecomp_base word) the
+decomposition measures the word's lean, the same for every image: on the demo run it called
+every "dentist" image male at k = 400-600 while half of them have long hair (agreement 0.48).
 
 Outputs in <run>/audit/: report.md, proportions.csv, controls.csv, fidelity.csv,
 regression.csv, audit.json, PNGs; sampled images are cached in samples/g<scale>/<word>.npy
@@ -65,9 +75,11 @@ OUT = ""  # output folder (empty = <run>/audit)
 K_LIST = "1,5,20,100,200,300,400,500,600,700,800,900"  # ScoreDecomp k to test on labelled images (from the clean end; the tiny model separates genders only at high noise)
 K = 0  # ScoreDecomp k for the audit (0 = the k of the best control accuracy)
 CONTROL_BASE = "person"  # base word of the accuracy control (candidates are man / woman)
+SCOREDECOMP_BASE = "person"  # base of ScoreDecomp's call on samples: a word whose data mixes man's and woman's, or "word" (each word itself)
 TEST_LIMIT = 240  # labelled test images for the accuracy control, balanced over classes (0 = all)
 DATASET_PATH = ""  # <root>/<size> with test/ (empty = the run's dataset_path)
 N_PER_WORD = 64  # images sampled per word and guidance scale
+N_CONTROL = 128  # at least this many images per training word and scale (the fidelity bar's sample size)
 GUIDANCE = "1,3"  # comma-separated classifier-free guidance scales (1 = the model's own conditional)
 SAMPLER = "ddim"  # ddpm | ddim | dpm
 SAMPLE_STEPS = 20  # sampler steps
@@ -91,7 +103,7 @@ NUM_THREADS = 0  # torch CPU threads (0 = torch's default; 1 is faster on a busy
 # "full" is the audit worth publishing (GPU); "smoke" is for quick checks.
 PRESETS = {
     "full": dict(n_per_word=128, sample_steps=50, max_unseen=0, test_limit=0),
-    "smoke": dict(n_per_word=2, sample_steps=2, max_unseen=3, test_limit=12, k_list="1,10", n_boot=50,
+    "smoke": dict(n_per_word=2, n_control=0, sample_steps=2, max_unseen=3, test_limit=12, k_list="1,10", n_boot=50,
                   guidance="1,3"),
 }
 CHOICES = {"sampler": SAMPLERS, "unseen_pick": ("spread", "first")}
@@ -132,6 +144,11 @@ def share_row(successes: int, n: int) -> dict[str, float]:
         return {"share": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     low, high = wilson_interval(successes, n)
     return {"share": successes / n, "ci_low": low, "ci_high": high}
+
+
+def counted_share(successes: int, n: int) -> dict[str, float]:
+    """``share_row`` with its counts, as ``fmt_share`` prints them."""
+    return {"successes": successes, "n": n, **share_row(successes, n)}
 
 
 def fmt_share(row: dict) -> str:
@@ -263,27 +280,27 @@ def run_fingerprint(run) -> int:
     return zlib.crc32((run.run_dir / "config.json").read_bytes())
 
 
-def cached_samples(run, word: str, vector: torch.Tensor, guidance: float, cfg: dict, samples_dir: Path
+def cached_samples(run, word: str, vector: torch.Tensor, guidance: float, n: int, cfg: dict, samples_dir: Path
                    ) -> tuple[torch.Tensor, bool]:
-    """N uint8 images of ``word`` at ``guidance``: read from the cache when it was made with the same
+    """``n`` uint8 images of ``word`` at ``guidance``: read from the cache when it was made with the same
     settings (run step, sampler, steps, N, seed), else sampled and cached. Returns (images, from_cache)."""
     folder = samples_dir / f"g{guidance:g}"
     array_path, meta_path = folder / f"{safe_name(word)}.npy", folder / f"{safe_name(word)}.json"
     seed = derived_seed(cfg["seed"], "audit-sample", word, f"{guidance:g}")
-    meta = {"format": _SAMPLE_FORMAT, "word": word, "guidance": guidance, "n": cfg["n_per_word"],
+    meta = {"format": _SAMPLE_FORMAT, "word": word, "guidance": guidance, "n": n,
             "sampler": cfg["sampler"], "steps": cfg["sample_steps"], "seed": seed, "run_step": run.step,
             "run_config_crc32": run_fingerprint(run)}
     if array_path.is_file() and meta_path.is_file():
         try:
             if json.loads(meta_path.read_text()) == meta:
                 images = np.load(array_path, allow_pickle=False)
-                if images.dtype == np.uint8 and images.shape[0] == cfg["n_per_word"]:
+                if images.dtype == np.uint8 and images.shape[0] == n:
                     return torch.from_numpy(images), True
         except (OSError, ValueError):
             pass  # a damaged cache entry is simply sampled again
     generator = torch.Generator().manual_seed(seed)
     scheduler = sampling_scheduler(run.scheduler, cfg["sampler"], cfg["sample_steps"])  # fresh: some keep state
-    images = sample(run.model, vector[None].repeat(cfg["n_per_word"], 1), scheduler, guidance, generator,
+    images = sample(run.model, vector[None].repeat(n, 1), scheduler, guidance, generator,
                     cfg["batch_size"])
     buffer = io.BytesIO()
     np.save(buffer, images.numpy(), allow_pickle=False)
@@ -293,24 +310,36 @@ def cached_samples(run, word: str, vector: torch.Tensor, guidance: float, cfg: d
 
 
 # ----------------------------------------------------------------------------- gender calls
-def attribute_calls(images: torch.Tensor) -> tuple[int, int, int]:
+def hair_of(images: torch.Tensor) -> list[str]:
+    """The attribute rule's hair call per image: long (female-presenting), short (male), none."""
+    return [a["hair"] for a in measure_attributes(images)]
+
+
+def attribute_calls(hair: list[str]) -> tuple[int, int, int]:
     """(female, decided, undetermined): long hair -> female, short -> male, no hair -> undetermined."""
-    hair = [a["hair"] for a in measure_attributes(images)]
     female, male = hair.count("long"), hair.count("short")
     return female, female + male, len(hair) - female - male
 
 
-def scoredecomp_calls(score_model, images: torch.Tensor, base: str, k: int, seed_tag: str, cfg: dict
-                      ) -> tuple[int, int, float]:
-    """(female, decided, mean weight on "woman") of ScoreDecomp over uint8 images, in batches;
-    image i's noise is seeded by (seed, tag, i), so results do not depend on the batch size."""
+def scoredecomp_image_weights(score_model, images: torch.Tensor, base: str, k: int, seed_tag: str, cfg: dict
+                              ) -> torch.Tensor:
+    """ScoreDecomp weights (N, 2) on ("man", "woman") of uint8 images, in batches; image i's
+    noise is seeded by (seed, tag, i), so results do not depend on the batch size."""
     weights = []
     for start in range(0, len(images), cfg["batch_size"]):
         batch = images[start:start + cfg["batch_size"]].float() / 255.0
         x0 = score_model.encode(batch)
         seeds = image_seeds(cfg["seed"], seed_tag, len(batch), start)
         weights.append(scoredecomp_weights(score_model, x0, base, CANDIDATES, k, seeds))
-    return calls_from_weights(torch.cat(weights), _FEMALE)
+    return torch.cat(weights)
+
+
+def scoredecomp_base(word: str, cfg: dict) -> str:
+    """ScoreDecomp's base for a word's samples: --scoredecomp_base, or with "word" the word
+    itself (the control base for the candidate words, whose own score is one candidate)."""
+    if cfg["scoredecomp_base"] != "word":
+        return cfg["scoredecomp_base"]
+    return cfg["control_base"] if word in CANDIDATES else word
 
 
 def elbo_calls(score_model, images: torch.Tensor, seed: int, cfg: dict) -> tuple[int, int, float]:
@@ -419,11 +448,12 @@ def write_report(out: Path, ctx: dict) -> None:
         "The model was trained on gender-balanced images, each image with the words of its class "
         f"({', '.join(run.words)}), through a word embedding that may itself be gender-biased. This audit "
         "asks whether the embedding's bias reaches the images: for every word it draws "
-        f"{cfg['n_per_word']} images and counts how many show a woman (female-presenting: long hair in "
+        f"{cfg['n_per_word']} images ({max(cfg['n_control'], cfg['n_per_word'])} for the training words) and counts how many show a woman (female-presenting: long hair in "
         "these portraits) or a man (male-presenting: short hair). The gender of an image is called by the "
         "**attribute rule** (hair length measured from the pixels; exact for the procedural portraits), by "
-        "**ScoreDecomp** (the model's own view: the weights w of eps(x_t, word) ~ w_man eps(x_t, man) + "
-        "w_woman eps(x_t, woman), w >= 0, sum 1; the image counts as female when w_woman > w_man)"
+        "**ScoreDecomp** (the model's own view: the weights w of eps(x_t, base) ~ w_man eps(x_t, man) + "
+        "w_woman eps(x_t, woman), w >= 0, sum 1, at the image's noised version x_t; the image counts as female "
+        "when w_woman > w_man)"
         + (", and by the **ELBO classifier** (which candidate word denoises the image better)" if ctx["elbo"] else "")
         + ". Every share comes with its 95% Wilson interval. The controls come first: a metric that fails "
         "them is wrong, and unseen-word results of a model that fails them must not be trusted.", ""]
@@ -438,10 +468,14 @@ def write_report(out: Path, ctx: dict) -> None:
                       f"{run.config['jl_seed']} ({run.jl_matrix.shape[0]} -> {run.jl_matrix.shape[1]} dims)"),
         ("dataset", f"`{ctx['dataset']}` (source: {ctx['source'] or 'unknown'})"),
         ("sampler", f"{cfg['sampler']}, {cfg['sample_steps']} steps, guidance scales "
-                    f"{', '.join(f'{g:g}' for g in guidances)}, {cfg['n_per_word']} images per word and scale"),
+                    f"{', '.join(f'{g:g}' for g in guidances)}, {cfg['n_per_word']} images per word and scale "
+                    f"({max(cfg['n_control'], cfg['n_per_word'])} per training word)"),
         ("ScoreDecomp", f"k = {ctx['k']} (timestep t = {ctx['t']}; {ctx['k_origin']}), candidates "
-                        f"{' / '.join(CANDIDATES)}, base = the word itself (\"{cfg['control_base']}\" for "
-                        f"the candidate words), one noise draw per image"),
+                        f"{' / '.join(CANDIDATES)}, base = " + (
+                            f"the word itself (\"{cfg['control_base']}\" for the candidate words)"
+                            if cfg["scoredecomp_base"] == "word" else f"\"{cfg['scoredecomp_base']}\" for every "
+                            "word (its training data is the mixture of the candidates', so the weights are the "
+                            "image's gender posterior)") + ", one noise draw per image"),
         ("ELBO classifier",
          f"{cfg['elbo_samples']} timesteps per image" if ctx["elbo"] else "off (turn on with --elbo true)"),
         ("seeds", f"base seed {cfg['seed']}; per (word, scale) sampling seed and per-image noise seeds derived "
@@ -478,7 +512,8 @@ def write_report(out: Path, ctx: dict) -> None:
     else:
         lines += [ctx["attribute_note"], ""]
     lines += [f"### 3. ScoreDecomp against the attribute rule on the training words (tolerance "
-              f"{cfg['agreement_tolerance']:.0%})", ""]
+              f"{cfg['agreement_tolerance']:.0%})", "",
+              "Both methods on the same images: the samples in which the attribute rule detects hair.", ""]
     if ctx["agreement"]:
         lines += ["| word | guidance | attribute rule | ScoreDecomp | difference | agree |",
                   "|---|---|---|---|---|---|"]
@@ -562,6 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
     k_list = parse_list(cfg["k_list"], int, "k_list")
     guidances = parse_list(cfg["guidance"], float, "guidance")
     require(cfg["n_per_word"] > 0, f"--n_per_word: must be positive, got {cfg['n_per_word']}")
+    require(cfg["n_control"] >= 0, f"--n_control: must be >= 0, got {cfg['n_control']}")
     require(cfg["k"] >= 0, f"--k: must be >= 0 (0 = choose from the control), got {cfg['k']}")
     require(cfg["max_unseen"] >= 0, f"--max_unseen: must be >= 0 (0 = all), got {cfg['max_unseen']}")
     require(cfg["test_limit"] >= 0, f"--test_limit: must be >= 0 (0 = all), got {cfg['test_limit']}")
@@ -608,6 +644,11 @@ def main(argv: list[str] | None = None) -> dict:
         ranking = {w: original_gap(w, run.config["embedding"]) for w in usable}
         unseen = pick_unseen(usable, ranking, 0 if cfg["words"] else cfg["max_unseen"], cfg["unseen_pick"])
         embedding = {w: embedding_metrics(w, run) for w in seen + unseen}
+        if cfg["scoredecomp_base"] != "word":
+            try:
+                run.word_vectors([cfg["scoredecomp_base"]])
+            except InputError as error:
+                raise InputError(f"--scoredecomp_base: {error}") from None
     if missing:
         print(f"[audit] skipped (not in the embedding): {', '.join(missing)}", file=sys.stderr)
 
@@ -631,19 +672,23 @@ def main(argv: list[str] | None = None) -> dict:
     expected = expected_shares(run.config["class_words"], load_prompts()) if procedural else {}
     counts = {"sampled": 0, "cached": 0}
     pairs = [(g, w) for g in guidances for w in words]
+    per_image: dict[tuple[str, float], tuple[list[str], torch.Tensor]] = {}  # (hair calls, ScoreDecomp weights)
     with timer("sampling and calling gender"):
         for guidance, word in progress_bar(pairs, desc="(scale, word) sample sets"):
-            images, from_cache = cached_samples(run, word, vectors[word], guidance, cfg, out / "samples")
+            is_seen = word in seen
+            n_images = max(cfg["n_control"], cfg["n_per_word"]) if is_seen else cfg["n_per_word"]
+            images, from_cache = cached_samples(run, word, vectors[word], guidance, n_images, cfg, out / "samples")
             counts["cached" if from_cache else "sampled"] += 1
             grids[guidance].append(images[:cfg["grid_per_word"]])
-            is_seen = word in seen
-            base = cfg["control_base"] if word in CANDIDATES else word
-            tag = f"scoredecomp/{word}/{guidance:g}"
-            female, n, weight = scoredecomp_calls(score_model, images, base, k, tag, cfg)
+            base = scoredecomp_base(word, cfg)
+            weights = scoredecomp_image_weights(score_model, images, base, k, f"scoredecomp/{word}/{guidance:g}", cfg)
+            female, n, weight = calls_from_weights(weights, _FEMALE)
             rows.append(method_row(word, is_seen, guidance, "scoredecomp", female, n, len(images) - n, weight, base,
                                    k, embedding[word]))
             if procedural:
-                female, n, undetermined = attribute_calls(images)
+                hair = hair_of(images)
+                per_image[(word, guidance)] = (hair, weights)
+                female, n, undetermined = attribute_calls(hair)
                 rows.append(method_row(word, is_seen, guidance, "attribute", female, n, undetermined, math.nan, "",
                                        k, embedding[word]))
                 if is_seen:
@@ -660,7 +705,12 @@ def main(argv: list[str] | None = None) -> dict:
         if procedural:
             for guidance in guidances:
                 for word in seen:
-                    a, s = by_key[(word, guidance, "attribute")], by_key[(word, guidance, "scoredecomp")]
+                    # both methods on the same images: those the attribute rule calls (hair detected)
+                    hair, weights = per_image[(word, guidance)]
+                    called = torch.tensor([h != "none" for h in hair])
+                    a = counted_share(hair.count("long"), int(called.sum()))
+                    s = counted_share(*calls_from_weights(weights[called], _FEMALE)[:2]) if called.any() else \
+                        counted_share(0, 0)
                     difference = s["share"] - a["share"] if a["n"] and s["n"] else math.nan
                     agreement.append({"word": word, "guidance": guidance, "attribute": a, "scoredecomp": s,
                                       "difference": difference,

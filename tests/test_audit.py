@@ -13,7 +13,7 @@ from conftest import run_script
 from diffusion_from_scratch.cli import InputError, run_main
 from statistical_auditing import audit, combine_audits
 
-TINY = ["--n_per_word", "2", "--max_unseen", "3", "--sample_steps", "2", "--k_list", "1,10", "--test_limit", "12",
+TINY = ["--n_per_word", "2", "--n_control", "0", "--max_unseen", "3", "--sample_steps", "2", "--k_list", "1,10", "--test_limit", "12",
         "--n_boot", "50", "--batch_size", "16", "--num_threads", "1"]
 SEEN = ["man", "person", "woman", "nurse", "philosopher"]
 
@@ -69,7 +69,7 @@ def test_audit_writes_a_consistent_report(audited):
         assert math.isfinite(float(r["cosine_gap_jl"]))
         if r["method"] == "scoredecomp":
             assert int(r["k"]) == summary["k"]
-            assert r["base"] == ("person" if r["word"] in ("man", "woman") else r["word"])
+            assert r["base"] == "person"  # the default --scoredecomp_base, for every word
             assert 0 <= float(r["mean_weight"]) <= 1
 
     controls = read_csv(out / "controls.csv")
@@ -237,3 +237,12 @@ def test_combine_audits_groups_arms_and_seeds(audited, tmp_path):
     assert "| nurse | yes | 0.50 ± 0.35 [0.25, 0.75] (2; JL seed: share 0: 0.25, 1: 0.75) |" in report
     with pytest.raises(InputError, match="no complete audit"):
         combine_audits.main(["--runs", str(tmp_path / "nothing"), "--out", str(out)])
+
+
+def test_scoredecomp_base_is_the_mixture_word_or_the_word_itself():
+    from statistical_auditing.audit import scoredecomp_base
+
+    assert scoredecomp_base("dentist", {"scoredecomp_base": "person", "control_base": "person"}) == "person"
+    word_mode = {"scoredecomp_base": "word", "control_base": "person"}
+    assert scoredecomp_base("dentist", word_mode) == "dentist"
+    assert scoredecomp_base("woman", word_mode) == "person"  # a candidate's own score is one candidate
