@@ -24,7 +24,6 @@ tokens, so the text encoder does the same work.
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -34,9 +33,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import REPO_ROOT
+from diffusion_from_scratch.utils import REPO_ROOT, atomic_write_text, csv_text
 from statistical_auditing.diffusion_classifier import elbo_classify
-from statistical_auditing.fairface import SD_BASE
+from statistical_auditing.fairface import default_conditions
 from statistical_auditing.scoring import scoredecomp_weights
 from statistical_auditing.sd_models import SDComponents, StableDiffusionScoreModel, resolve_device, resolve_dtype
 
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = sd21_random(device, dtype, cfg["seed"])
     build_seconds = time.perf_counter() - started
     unet_params = sum(p.numel() for p in model.unet.parameters())
-    base, candidates = SD_BASE, [f"{SD_BASE}, man", f"{SD_BASE}, woman"]
+    base, candidates = default_conditions(model, "gender")  # fairface.py's prompts
     size, batch = cfg["resolution"], cfg["batch_size"]
     images = torch.rand(cfg["images"], 3, size, size, generator=torch.Generator().manual_seed(cfg["seed"]))
     batches = [images[i:i + batch] for i in range(0, len(images), batch)]
@@ -156,11 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "load_average": round(os.getloadavg()[0], 2)}
     rows = [common | row for row in rows]
     out = Path(cfg["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(out, csv_text(rows, list(rows[0])))
     print(f"SD 2.1 architecture (random weights, built in {build_seconds:.0f} s): UNet {unet_params:,} parameters, "
           f"{unet_gflop:.0f} GFLOP per evaluation at {size}x{size} px ({size // 8}x{size // 8} latent); "
           f"{device}, {common['dtype']}, {common['threads']} threads, load average {common['load_average']}")

@@ -15,8 +15,6 @@ objective ||X w - y|| over cvxpy's (negative when ours is lower). Targets: speed
 """
 from __future__ import annotations
 
-import csv
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.utils import atomic_write_text, csv_text
 from statistical_auditing.utils_classifier import simplex_least_squares
 
 CVXPY_IMAGES = 20  # problems solved one by one with cvxpy per configuration
@@ -115,13 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{row['speedup']:>8.0f}x {row['max_rel_objective_excess']:>12.2e}  {'ok' if ok else 'MISSED'}")
     print(f"targets: speed-up >= {cfg['target_speedup']:g}x, relative objective excess <= {cfg['target_excess']:g}")
     out = Path(cfg["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out)
+    atomic_write_text(out, csv_text(rows, list(rows[0])))
     print(f"wrote {out}")
     if cfg["strict"] and not all(r["meets_targets"] for r in rows):
         sys.exit(1)

@@ -27,7 +27,6 @@ reported. The machine may be shared: the load average is recorded next to each r
 """
 from __future__ import annotations
 
-import csv
 import gc
 import os
 import platform
@@ -47,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion_from_scratch import ddpm_conditional
 from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.modules import ConditionalUNet, SelfAttention, UNetConfig
-from diffusion_from_scratch.utils import progress_bar
+from diffusion_from_scratch.utils import atomic_write_text, csv_text, progress_bar
 
 CONFIGS = "paper-b8,original-b8,paper-b50,tiny"  # comma-separated: paper-b<N> | original-b<N> | tiny
 STEPS = 3  # timed training steps per configuration (the median is reported)
@@ -348,15 +347,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("all targets met" if not misses else "MISSED: " + "; ".join(misses))
 
     out = Path(cfg["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     command = " ".join(["python bench/train_throughput.py", *(sys.argv[1:] if argv is None else argv)])
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*rows[0], "torch", "cpu", "command"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "torch": torch.__version__, "cpu": cpu_name(), "command": command})
-    os.replace(tmp, out)
+    context = {"torch": torch.__version__, "cpu": cpu_name(), "command": command}
+    atomic_write_text(out, csv_text([row | context for row in rows], [*rows[0], *context]))
     print(f"wrote {out}")
     if cfg["strict"] and misses:
         sys.exit(1)

@@ -11,17 +11,16 @@ A run that fails this control must not be trusted on unseen words.
 """
 from __future__ import annotations
 
-import csv
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.pipeline import SAMPLERS, TrainedRun, sample, sampling_scheduler
 from diffusion_from_scratch.portraits import SCENES, attributes_from_prompt, measure_attributes
-from diffusion_from_scratch.utils import (atomic_write_text, derived_seed, load_prompts, resolve_device,
+from diffusion_from_scratch.utils import (atomic_write_text, csv_text, derived_seed, load_prompts, resolve_device,
                                           save_image_grid)
 
 # ----------------------------------------------------------------------------- config
@@ -62,9 +61,9 @@ def expected_shares(class_words: dict[str, list[str]], prompts: dict[str, str]) 
     return {word: {key: c[key] / c["n"] for key in ("long",) + SCENES} for word, c in counts.items()}
 
 
-def measure(images: torch.Tensor) -> dict[str, float]:
-    """Shares of long hair (among images with hair), hair detected and each scene."""
-    attributes = measure_attributes(images)
+def measure(attributes: list[dict[str, str]]) -> dict[str, float]:
+    """Shares of long hair (among images with hair), hair detected and each scene, from the
+    per-image ``portraits.measure_attributes``."""
     n = len(attributes)
     with_hair = [a for a in attributes if a["hair"] != "none"]
     shares = {"n": n, "hair_detected": len(with_hair) / n,
@@ -111,15 +110,17 @@ def evaluate(run: TrainedRun, words: list[str], n_per_word: int, guidances: list
             grid = torch.cat([images[i * n_per_word:i * n_per_word + 8] for i in range(len(words))])
             save_image_grid(grid, out / f"samples_guidance{guidance:g}.png", nrow=min(8, n_per_word), labels=words)
         for i, word in enumerate(words):
-            rows.append(fidelity_row(word, guidance, images[i * n_per_word:(i + 1) * n_per_word], expected)
-                        | {"sampling_seconds": seconds})
+            attributes = measure_attributes(images[i * n_per_word:(i + 1) * n_per_word])
+            rows.append(fidelity_row(word, guidance, attributes, expected) | {"sampling_seconds": seconds})
     return rows
 
 
-def fidelity_row(word: str, guidance: float, images: torch.Tensor, expected: dict[str, dict[str, float]]) -> dict:
-    """Measured shares of one word's samples, what its data teaches (if it is a training word)
-    and the bar's verdict at guidance 1 ("pass", "FAIL: ..." or "" at other scales)."""
-    shares = measure(images)
+def fidelity_row(word: str, guidance: float, attributes: list[dict[str, str]],
+                 expected: dict[str, dict[str, float]]) -> dict:
+    """Measured shares of one word's samples (their ``measure_attributes``), what its data teaches
+    (if it is a training word) and the bar's verdict at guidance 1 ("pass", "FAIL: ..." or "" at
+    other scales)."""
+    shares = measure(attributes)
     target = expected.get(word)
     failures = bar_failures(word, shares, target) if (target and guidance == 1.0) else []
     return {"word": word, "guidance": guidance, **shares, **{f"expected_{k}": v for k, v in (target or {}).items()},
@@ -144,19 +145,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         guidances = [float(g) for g in cfg["guidance"].split(",")]
     except ValueError:
-        require(False, f"--guidance: expected comma-separated numbers, got {cfg['guidance']!r}")
+        raise InputError(f"--guidance: expected comma-separated numbers, got {cfg['guidance']!r}") from None
     run = TrainedRun(cfg["run"], resolve_device(cfg["device"]), checkpoint=cfg["checkpoint"])
     out = Path(cfg["out"] or Path(cfg["run"]) / ("fidelity" + (f"-{cfg['checkpoint']}" if cfg["checkpoint"] else "")))
-    seen = [w for w in run.words]
-    rows = evaluate(run, seen, cfg["n_per_word"], guidances, cfg["sampler"], cfg["sample_steps"], cfg["seed"],
+    rows = evaluate(run, list(run.words), cfg["n_per_word"], guidances, cfg["sampler"], cfg["sample_steps"], cfg["seed"],
                     cfg["batch_size"], out)
     table = format_table(rows)
     atomic_write_text(out / "fidelity.md", f"Run {cfg['run']} at step {run.step}, {cfg['sampler']} "
                                            f"{cfg['sample_steps']} steps, seed {cfg['seed']}\n\n{table}\n")
-    with open(out / "fidelity.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_text(out / "fidelity.csv", csv_text(rows, list(rows[0])))
     print(table)
     print(f"wrote {out / 'fidelity.md'}")
     return rows

@@ -299,7 +299,7 @@ def cached_samples(run, word: str, vector: torch.Tensor, guidance: float, n: int
         except (OSError, ValueError):
             pass  # a damaged cache entry is simply sampled again
     generator = torch.Generator().manual_seed(seed)
-    scheduler = sampling_scheduler(run.scheduler, cfg["sampler"], cfg["sample_steps"])  # fresh: some keep state
+    scheduler = sampling_scheduler(run.scheduler, cfg["sampler"], cfg["sample_steps"])
     images = sample(run.model, vector[None].repeat(n, 1), scheduler, guidance, generator,
                     cfg["batch_size"])
     buffer = io.BytesIO()
@@ -310,11 +310,6 @@ def cached_samples(run, word: str, vector: torch.Tensor, guidance: float, n: int
 
 
 # ----------------------------------------------------------------------------- gender calls
-def hair_of(images: torch.Tensor) -> list[str]:
-    """The attribute rule's hair call per image: long (female-presenting), short (male), none."""
-    return [a["hair"] for a in measure_attributes(images)]
-
-
 def attribute_calls(hair: list[str]) -> tuple[int, int, int]:
     """(female, decided, undetermined): long hair -> female, short -> male, no hair -> undetermined."""
     female, male = hair.count("long"), hair.count("short")
@@ -686,13 +681,14 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(method_row(word, is_seen, guidance, "scoredecomp", female, n, len(images) - n, weight, base,
                                    k, embedding[word]))
             if procedural:
-                hair = hair_of(images)
+                attributes = measure_attributes(images)
+                hair = [a["hair"] for a in attributes]  # long: female-presenting, short: male, none
                 per_image[(word, guidance)] = (hair, weights)
                 female, n, undetermined = attribute_calls(hair)
                 rows.append(method_row(word, is_seen, guidance, "attribute", female, n, undetermined, math.nan, "",
                                        k, embedding[word]))
                 if is_seen:
-                    fidelity_rows.append(fidelity_row(word, guidance, images, expected))
+                    fidelity_rows.append(fidelity_row(word, guidance, attributes, expected))
             if cfg["elbo"]:
                 female, n, prob = elbo_calls(score_model, images, derived_seed(cfg["seed"], "elbo", word), cfg)
                 rows.append(method_row(word, is_seen, guidance, "elbo", female, n, len(images) - n, prob, "",

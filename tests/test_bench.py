@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import run_script
 
 
 @pytest.mark.smoke
@@ -25,4 +25,3 @@ def test_sd_time_per_image_on_the_sd21_architecture(tmp_path):
     rows = {r["method"]: r for r in csv.DictReader(out.open())}
     assert int(rows["scoredecomp"]["unet_evals_per_image"]) == 3 and int(rows["elbo"]["unet_evals_per_image"]) == 8
     assert int(rows["scoredecomp"]["unet_parameters"]) == 865_910_724
-    assert (REPO / "bench" / "sd_time_per_image.py").is_file()
