@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_from_scratch import ddpm_conditional
-from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.modules import ConditionalUNet, SelfAttention, UNetConfig
 from diffusion_from_scratch.utils import atomic_write_text, csv_text, progress_bar
 
@@ -84,8 +84,8 @@ def parse_configs(text: str) -> list[tuple[str, str, int]]:
         elif token == "tiny":
             parsed.append((token, "tiny", preset_config("tiny")["batch_size"]))
         else:
-            require(False, f"--configs: unknown configuration {token!r}; expected paper-b<N>, original-b<N> "
-                           f"(N >= 1) or tiny, comma-separated")
+            raise InputError(f"--configs: unknown configuration {token!r}; expected paper-b<N>, original-b<N> "
+                             f"(N >= 1) or tiny, comma-separated")
     require(len({p[0] for p in parsed}) == len(parsed), f"--configs: {text!r} names a configuration twice")
     return parsed
 
