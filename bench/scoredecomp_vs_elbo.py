@@ -30,20 +30,20 @@ from typing import Any
 from scipy.stats import binomtest
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import atomic_write_text
+from diffusion_from_scratch.utils import atomic_write_text, csv_text
 from statistical_auditing import fairface as ff
 
 RUN = "runs/demo"  # trained from-scratch run folder (diffusion_from_scratch/ddpm_conditional.py)
 DATA = ""  # six-class dataset root ("" = the run's own dataset_path from its config.json)
-NUM_IMAGES = 0  # test images, a seeded random subset (0 = the whole test split)
-K_LIST = "5,20,50,100,200,300,500,700,900"  # ScoreDecomp k values tried (timestep = timesteps[-k])
+NUM_IMAGES = 0  # [0, inf) test images, a seeded random subset (0 = the whole test split)
+K_LIST = "5,20,50,100,200,300,500,700,900"  # list of ints in [1, inf): ScoreDecomp k values tried (timestep = timesteps[-k])
 SELECT_SPLIT = "train"  # split on which the best k is chosen: train (held out from the test) | test (optimistic)
-SELECT_IMAGES = 60  # random images of that split used to choose k
-ELBO_SAMPLES = "4,16,64"  # ELBO budgets (timesteps per image, 2 evaluations each)
-SEED = 0  # noise and selection seed
-BATCH_SIZE = 32  # images per UNet call
+SELECT_IMAGES = 60  # [1, inf) random images of that split used to choose k
+ELBO_SAMPLES = "4,16,64"  # list of ints in [1, inf): ELBO budgets (timesteps per image, 2 evaluations each)
+SEED = 0  # [0, 2**63) noise and selection seed
+BATCH_SIZE = 32  # [1, inf) images per UNet call
 DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)
-TARGET_RATIO = 30.0  # ScoreDecomp must use this many times fewer evaluations ...
+TARGET_RATIO = 30.0  # (0, inf) ScoreDecomp must use this many times fewer evaluations ...
 STRICT = False  # exit with status 1 when the target is missed
 OUT = "bench/results/scoredecomp_vs_elbo"  # output folder (git-ignored)
 
@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                              f"one with diffusion_from_scratch/ddpm_conditional.py")
     data = cfg["data"] or json.loads((run / "config.json").read_text()).get("dataset_path", "")
     require(bool(data) and Path(data).is_dir(), f"the run's dataset {data!r} is not here; pass --data")
-    require(cfg["target_ratio"] > 0, "--target_ratio must be positive")
     out = Path(cfg["out"])
     common = ["--model", str(run), "--data", str(data), "--kind", "sixclass", "--attribute", "gender",
               "--seed", str(cfg["seed"]), "--batch_size", str(cfg["batch_size"]), "--device", cfg["device"]]
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "sd_only": test_result["a_only"], "elbo_only": test_result["b_only"],
                       "mcnemar_p": round(test_result["p_value"], 4)})
     columns = list(table[0])
-    atomic_write_text(out / "bench.csv", ff.csv_text(table, columns))
+    atomic_write_text(out / "bench.csv", csv_text(table, columns))
 
     print(f"\nScoreDecomp vs ELBO on {sd['n']} test images of {data} (run {run}); {best_k_note}: k = {best_k}")
     print(f"{'method':>13} {'k/budget':>8} {'accuracy [95% CI]':>24} {'evals/img':>9} {'ratio':>7} "

@@ -19,7 +19,7 @@ hardware can be estimated. On a GPU (``--device cuda``, fp16 by default there) i
 GPU numbers the same way. The tokenizer is the tests' tiny BPE: prompts still pad to 77
 tokens, so the text encoder does the same work.
 
-    python bench/sd_time_per_image.py                      # 512 px (fairface.py's default), CPU fp32
+    python bench/sd_time_per_image.py                      # 224 px (fairface.py's default), CPU fp32
     python bench/sd_time_per_image.py --resolution 768 --images 1
 """
 from __future__ import annotations
@@ -35,21 +35,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.utils import REPO_ROOT, atomic_write_text, csv_text
 from statistical_auditing.diffusion_classifier import elbo_classify
-from statistical_auditing.fairface import default_conditions
-from statistical_auditing.scoring import scoredecomp_weights
+from statistical_auditing import cli_common
+from statistical_auditing.scoring import batch_noise, scoredecomp_scores
 from statistical_auditing.sd_models import SDComponents, StableDiffusionScoreModel, resolve_device, resolve_dtype
 
-RESOLUTION = 512  # image side in pixels (fairface.py resizes to 512 by default; SD 2.1 was trained at 768)
-IMAGES = 2  # images timed per method (one at a time, as a batch of 1)
-BATCH_SIZE = 1  # images per UNet call
-K = 5  # ScoreDecomp's k (the timestep only changes the noise level, not the cost)
-ELBO_SAMPLES = 100  # the ELBO budget reported (timesteps per image; fairface.py's default)
-ELBO_TIMED = 2  # ELBO timesteps actually run and timed per image
-WARMUP = 1  # untimed passes first (allocator, kernel caches)
-THREADS = 0  # torch CPU threads (0 = torch's default)
+RESOLUTION = cli_common.SD_RESIZE  # [1, inf) image side in pixels (fairface.py's SD default: 224, the original's; SD 2.1: 768)
+IMAGES = 2  # [1, inf) images timed per method (one at a time, as a batch of 1)
+BATCH_SIZE = 1  # [1, inf) images per UNet call
+K = 5  # [1, inf) ScoreDecomp's k (the timestep only changes the noise level, not the cost)
+ELBO_SAMPLES = 100  # [1, inf) the ELBO budget reported (timesteps per image; fairface.py's default)
+ELBO_TIMED = 2  # [1, inf) ELBO timesteps actually run and timed per image
+WARMUP = 1  # [0, inf) untimed passes first (allocator, kernel caches)
+THREADS = 0  # [0, inf) torch CPU threads (0 = torch's default)
 DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)
 DTYPE = "auto"  # auto (fp16 on an accelerator, fp32 on cpu) | fp32 | fp16 | bf16
-SEED = 0  # weights, images and noise
+SEED = 0  # [0, 2**63) weights, images and noise
 OUT = "bench/results/sd_time_per_image.csv"  # results (git-ignored)
 
 # Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1): unet/, vae/, text_encoder/ and scheduler/ config.json.
@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 choices={"dtype": ("auto", "fp32", "fp16", "bf16")})
     require(cfg["resolution"] > 0 and cfg["resolution"] % 8 == 0,
             f"--resolution: expected a positive multiple of 8, got {cfg['resolution']}")
-    for flag in ("images", "batch_size", "k", "elbo_samples", "elbo_timed"):
-        require(cfg[flag] > 0, f"--{flag}: must be positive, got {cfg[flag]}")
     require(cfg["elbo_timed"] <= cfg["elbo_samples"], "--elbo_timed: must not exceed --elbo_samples")
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
@@ -120,19 +118,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = sd21_random(device, dtype, cfg["seed"])
     build_seconds = time.perf_counter() - started
     unet_params = sum(p.numel() for p in model.unet.parameters())
-    base, candidates = default_conditions(model, "gender")  # fairface.py's prompts
+    base, candidates = cli_common.default_conditions(model, "gender")  # fairface.py's prompts
     size, batch = cfg["resolution"], cfg["batch_size"]
     images = torch.rand(cfg["images"], 3, size, size, generator=torch.Generator().manual_seed(cfg["seed"]))
     batches = [images[i:i + batch] for i in range(0, len(images), batch)]
 
+    timestep = model.timestep_for_k(cfg["k"])
+
     def scoredecomp(x: torch.Tensor) -> None:
-        scoredecomp_weights(model, model.encode(x), base, candidates, cfg["k"], cfg["seed"])
+        x0 = model.encode(x)
+        noise = batch_noise(x0.shape[1:], cfg["seed"], [f"bench/{i}" for i in range(len(x0))])
+        scoredecomp_scores(model, x0, timestep, noise, base, candidates)
 
     def elbo(x: torch.Tensor) -> None:
         elbo_classify(model, model.encode(x), candidates, n_samples=cfg["elbo_timed"], seed=cfg["seed"])
 
     latent = model.encode(images[:1])
-    t = torch.tensor([model.timestep_for_k(cfg["k"])])
+    t = torch.tensor([timestep])
     model.prompt_embeddings([base] + candidates)  # encoded once per run, like the scripts: not in the count
     with FlopCounterMode(display=False) as counter:  # one image, one condition
         model.predict_eps(latent, t, [base])

@@ -22,20 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, run_main
 from diffusion_from_scratch.utils import atomic_write_text, csv_text
 from statistical_auditing.utils_classifier import simplex_least_squares
 
-CVXPY_IMAGES = 20  # problems solved one by one with cvxpy per configuration
-BATCH = 256  # problems solved together by our solver per configuration (timed per image)
-SEED = 0  # numpy seed of the synthetic problems
-SIMILARITY_NOISE = 0.1  # spread of candidates around a shared prediction (cosine ~ 1/(1+s^2))
-THREADS = 1  # torch CPU threads; 1 compares per-core cost with the single-threaded cvxpy solve
+CVXPY_IMAGES = 20  # [1, inf) problems solved one by one with cvxpy per configuration
+BATCH = 256  # [1, inf) problems solved together by our solver per configuration (timed per image)
+SEED = 0  # [0, 2**63) numpy seed of the synthetic problems
+SIMILARITY_NOISE = 0.1  # [0, inf) spread of candidates around a shared prediction (cosine ~ 1/(1+s^2))
+THREADS = 1  # [1, inf) torch CPU threads; 1 compares per-core cost with the single-threaded cvxpy solve
 STRICT = False  # exit with status 1 when a target is missed
 OUT = "bench/results/simplex_vs_cvxpy.csv"  # metrics CSV (git-ignored folder)
 
-TARGET_SPEEDUP = 100.0  # required cvxpy time / our time, per image
-TARGET_EXCESS = 1e-6  # allowed relative excess of our objective over cvxpy's
+TARGET_SPEEDUP = 100.0  # (0, inf) required cvxpy time / our time, per image
+TARGET_EXCESS = 1e-6  # [0, inf) allowed relative excess of our objective over cvxpy's
 
 # (K candidates, D = flattened size): gender / race, SD latent 4x64x64 / pixels 3x32x32.
 SIZES = [(2, 4 * 64 * 64), (7, 4 * 64 * 64), (2, 3 * 32 * 32), (7, 3 * 32 * 32)]
@@ -92,8 +92,6 @@ def run_size(cp, K: int, D: int, cfg: dict, rng: np.random.Generator) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = config_from_constants(constants_of(globals()), argv=argv, description=__doc__.splitlines()[0])
-    require(cfg["cvxpy_images"] >= 1 and cfg["batch"] >= 1, "--cvxpy_images and --batch must be >= 1")
-    require(cfg["threads"] >= 1, "--threads must be >= 1")
     try:
         import cvxpy as cp
     except ImportError:

@@ -5,13 +5,35 @@ turns them into ``--lower_case`` flags whose types are the constants' types (as
 improved-diffusion's ``add_dict_to_argparser`` and nanoGPT's configurator do), applies a
 named ``--preset`` first and explicit flags last, and rejects unknown or ill-typed flags.
 
+Valid ranges are declared once, at the start of the constant's comment, and checked here for
+every script before any work starts (``check_ranges``)::
+
+    EMA_BETA = 0.995  # [0, 1) EMA decay ...                a number (or int) in the interval
+    K_LIST = "5,20"  # list of ints in [1, inf): ...        comma-separated ints in the interval
+    GUIDANCE = "1,3"  # list of numbers in (0, inf): ...    comma-separated numbers in the interval
+
+Bounds are numbers, ``inf`` / ``-inf`` or ``2**N``; "(-inf, inf)" means any finite number.
+Float flags are always finite (nan and inf are refused whatever the range). A constant a
+script imports (``from statistical_auditing.data_flags import RESIZE``) has its range
+declared in the module that defines it; an imported number without a declared range is
+code, not a setting, and is no flag.
+
 ``InputError`` is what every script raises for bad input; ``run_main`` turns it into one
 line on stderr and a non-zero exit instead of a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import errno
+import importlib.util
+import io
+import math
+import re
 import sys
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
@@ -35,21 +57,184 @@ def _typed(kind: type, name: str) -> Callable[[str], Any]:
 
     def convert(text: str) -> Any:
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
 
     convert.__name__ = kind.__name__
     return convert
 
 
-def constants_of(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The UPPER_CASE int/float/str/bool constants of a module namespace, lower-cased."""
-    return {
-        key.lower(): value
-        for key, value in namespace.items()
-        if key.isupper() and not key.startswith("_") and isinstance(value, (bool, int, float, str))
-    }
+# ----------------------------------------------------------------------------- declared ranges
+_BOUND = r"-?inf|2\*\*\d+|-?\d[\d_]*(?:\.\d*)?(?:[eE][-+]?\d+)?"
+_RANGE = re.compile(rf"^(?:list of (?P<items>ints|numbers) in )?(?P<open>[\[(])\s*(?P<low>{_BOUND})\s*,\s*"
+                    rf"(?P<high>{_BOUND})\s*(?P<close>[\])])")
+
+
+def _bound(text: str) -> float | int:
+    if text.lstrip("-") == "inf":
+        return -math.inf if text.startswith("-") else math.inf
+    if text.startswith("2**"):
+        return 2 ** int(text[3:])
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        return float(text.replace("_", ""))
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval a flag's value (or every item of a list flag) must lie in."""
+
+    low: float
+    high: float
+    low_closed: bool = True
+    high_closed: bool = False
+    items: str | None = None  # None: a single value; "ints" / "numbers": a comma-separated list of them
+
+    def __str__(self) -> str:
+        def show(v: float) -> str:
+            return "inf" if v == math.inf else "-inf" if v == -math.inf else f"{v:g}" if isinstance(v, float) else (
+                f"2**{v.bit_length() - 1}" if v >= 2 ** 20 and v & (v - 1) == 0 else str(v))
+        return f"{'[' if self.low_closed else '('}{show(self.low)}, {show(self.high)}{']' if self.high_closed else ')'}"
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+
+def parse_range(comment: str) -> Range | None:
+    """The range declared at the start of a constant's comment ("# [0, 1) EMA decay"), or None."""
+    match = _RANGE.match(comment.lstrip("#").strip())
+    if not match:
+        return None
+    return Range(_bound(match["low"]), _bound(match["high"]), match["open"] == "[", match["close"] == "]",
+                 match["items"])
+
+
+_DECLARATIONS: dict[str, tuple[dict[str, Range], dict[str, tuple[str, str]], set[str]]] = {}
+
+
+def _declarations(path: str) -> tuple[dict[str, Range], dict[str, tuple[str, str]], set[str]]:
+    """(NAME -> Range declared in the file, NAME -> (module, name) it imports, names it assigns)."""
+    if path not in _DECLARATIONS:
+        source = Path(path).read_text(encoding="utf-8")
+        comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if tok.type == tokenize.COMMENT}
+        ranges, imports, assigned = {}, {}, set()
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                name = node.targets[0].id
+                assigned.add(name)
+                declared = parse_range(comments.get(node.end_lineno, ""))
+                if declared is not None:
+                    ranges[name] = declared
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for alias in node.names:
+                    imports[alias.asname or alias.name] = (node.module, alias.name)
+        _DECLARATIONS[path] = (ranges, imports, assigned)
+    return _DECLARATIONS[path]
+
+
+def declared_range(path: str | None, name: str, depth: int = 0) -> Range | None:
+    """The range of constant ``name`` of the module in ``path``, following ``from m import name``
+    to the module that defines it."""
+    if not path or depth > 5 or not path.endswith(".py"):
+        return None
+    ranges, imports, assigned = _declarations(path)
+    if name in ranges or name in assigned:
+        return ranges.get(name)
+    if name in imports:
+        module, original = imports[name]
+        found = sys.modules.get(module)
+        origin = getattr(found, "__file__", None)
+        if origin is None:
+            try:
+                spec = importlib.util.find_spec(module)
+            except (ImportError, ValueError):
+                spec = None
+            origin = spec.origin if spec else None
+        return declared_range(origin, original, depth + 1)
+    return None
+
+
+class Constants(dict):
+    """A script's flags (lower-case name -> default) and their declared ranges (``ranges``)."""
+
+    ranges: dict[str, Range]
+
+
+def constants_of(namespace: Mapping[str, Any]) -> Constants:
+    """The UPPER_CASE int/float/str/bool constants of a module namespace, lower-cased, with the
+    ranges their comments declare (``.ranges``). A number imported from another module is a
+    flag only where that module declares its range (``sampling.FEMALE`` is code, not a setting)."""
+    path = namespace.get("__file__")
+    assigned = _declarations(path)[2] if path and str(path).endswith(".py") else None
+    constants, ranges = Constants(), {}
+    for key, value in namespace.items():
+        if not (key.isupper() and not key.startswith("_") and isinstance(value, (bool, int, float, str))):
+            continue
+        declared = declared_range(path, key)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and declared is None and assigned is not None and key not in assigned:
+            continue
+        constants[key.lower()] = value
+        if declared is not None:
+            ranges[key.lower()] = declared
+    constants.ranges = ranges
+    return constants
+
+
+def parse_number_list(text: str, flag: str, kind: type = float, declared: Range | None = None) -> list:
+    """The items of a comma-separated list flag, in order, as ``kind`` (int or float); an empty
+    list or item, a non-number, a non-finite number or one outside ``declared`` raises
+    InputError naming the flag."""
+    noun = "ints" if kind is int else "numbers"
+    expected = f"--{flag}: expected a comma-separated list of {noun}" + (f" in {declared}" if declared else "")
+    if not text.strip():
+        raise InputError(f"{expected}, got {text!r}")
+    values = []
+    for position, item in enumerate((part.strip() for part in text.split(",")), start=1):
+        if not item:
+            raise InputError(f"{expected}, got {text!r} (item {position} is empty)")
+        try:
+            value = kind(item)
+        except ValueError:
+            raise InputError(f"{expected}, got {text!r} (item {position}, {item!r}, is not "
+                             f"{'an integer' if kind is int else 'a number'})") from None
+        if not math.isfinite(value):
+            raise InputError(f"{expected}, got {text!r} (item {position}, {item!r}, is not a finite number)")
+        if declared is not None and not declared.contains(value):
+            raise InputError(f"{expected}, got {text!r} (item {position}, {item}, is outside {declared})")
+        values.append(value)
+    return values
+
+
+def check_ranges(config: Mapping[str, Any], ranges: Mapping[str, Range], defaults: Mapping[str, Any] | None = None
+                 ) -> None:
+    """Every value of ``config`` in its declared range (a list flag: every item), else InputError
+    ``--name: expected a value in [0, 1), got 2``. An empty list flag passes only where its
+    default (in ``defaults``) is empty too."""
+    for name, declared in ranges.items():
+        if name not in config:
+            continue
+        value = config[name]
+        if declared.items is not None:
+            if isinstance(value, str) and not (value.strip() == "" and defaults is not None
+                                               and str(defaults.get(name, "x")).strip() == ""):
+                parse_number_list(value, name, int if declared.items == "ints" else float, declared)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"--{name}: expected a number in {declared}, got {value!r}")
+        if not declared.contains(value):
+            raise InputError(f"--{name}: expected a value in {declared}, got {value:g}" if isinstance(value, float)
+                             else f"--{name}: expected a value in {declared}, got {value}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +257,8 @@ def config_from_constants(
     ``constants`` maps lower-case names to defaults; a flag's type is its default's type.
     ``presets`` maps a preset name to overrides (keys must be known constants).
     ``choices`` restricts some flags to a fixed set of values. With ``return_explicit`` the
-    names of the flags given on the command line are returned too.
+    names of the flags given on the command line are returned too. The ranges ``constants``
+    carries (``constants_of``) are checked on the result, so a bad value stops here.
     """
     presets = dict(presets or {})
     choices = dict(choices or {})
@@ -108,6 +294,7 @@ def config_from_constants(
         if value is not None and name != "preset":
             config[name] = value
             explicit.add(name)
+    check_ranges(config, getattr(constants, "ranges", {}), constants)
     return (config, explicit) if return_explicit else config
 
 
@@ -117,13 +304,37 @@ def require(condition: bool, message: str) -> None:
         raise InputError(message)
 
 
-def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main; bad input ends with one stderr line and exit status 2."""
+INTERRUPTED = "interrupted"  # what run_main says on Ctrl-C unless the script says how to continue
+
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE}
+
+
+def run_main(main: Callable[[], Any], on_interrupt: str = INTERRUPTED) -> None:
+    """Run a script's main; bad input ends with one stderr line and exit status 2, and so does a
+    file the machine refuses to write mid-run (disk full, quota, read-only, permission) or an
+    allocation that fails (the scripts refuse what cannot fit before any work with lower-bound
+    estimates, which cannot foresee every case). On Ctrl-C it prints ``on_interrupt`` (a
+    script that resumes says how) and exits with status 130."""
     try:
         main()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as error:
+        if not (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+                or "can't allocate memory" in str(error)):
+            raise
+        detail = " ".join(str(error).split())[:200]
+        print(f"error: out of memory ({type(error).__name__}{': ' + detail if detail else ''}); ask for less "
+              f"(a smaller --batch_size or fewer images)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        print(on_interrupt, file=sys.stderr)
         sys.exit(130)

@@ -17,30 +17,30 @@ from pathlib import Path
 
 import torch
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.cli import config_from_constants, constants_of, parse_number_list, run_main
 from diffusion_from_scratch.pipeline import SAMPLERS, TrainedRun, sample, sampling_scheduler
 from diffusion_from_scratch.portraits import SCENES, attributes_from_prompt, measure_attributes
-from diffusion_from_scratch.utils import (atomic_write_text, csv_text, derived_seed, load_prompts, resolve_device,
-                                          save_image_grid)
+from diffusion_from_scratch.utils import (atomic_write_text, csv_text, derived_seed, load_prompts, require_memory,
+                                          resolve_device, save_image_grid, writable_folder)
 
 # ----------------------------------------------------------------------------- config
 RUN = "runs/tiny"  # training run folder
 CHECKPOINT = ""  # a checkpoints/step-N folder name of the run (empty = the latest)
-N_PER_WORD = 128  # samples per word and guidance scale
-GUIDANCE = "1,3"  # comma-separated guidance scales (1 = the model's own conditional)
-SAMPLER = "ddim"  # ddpm | ddim | dpm
-SAMPLE_STEPS = 50  # sampler steps
-BATCH_SIZE = 128  # images per sampling batch
-SEED = 0  # sampling seed
+N_PER_WORD = 512  # [1, inf) samples per word and guidance scale
+GUIDANCE = "1,3"  # list of numbers in (-inf, inf): comma-separated guidance scales (1 = the model's own conditional)
+SAMPLER = "dpm"  # ddpm | ddim | dpm (the audit's)
+SAMPLE_STEPS = 20  # [1, inf) sampler steps
+BATCH_SIZE = 128  # [1, inf) images per sampling batch
+SEED = 0  # [0, 2**63) sampling seed
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
 OUT = ""  # output folder (empty = <run>/fidelity)
 
 # The acceptance bar (issue: "The tiny preset must obey its conditioning"), checked at guidance 1.
-BAR_MAX_LONG_MAN = 0.05
-BAR_MIN_LONG_WOMAN = 0.95
-BAR_MIN_HAIR_DETECTED = 0.95
+BAR_MAX_LONG_MAN = 0.05  # [0, 1]
+BAR_MIN_LONG_WOMAN = 0.95  # [0, 1]
+BAR_MIN_HAIR_CALLED = 0.95  # [0, 1] long or short; "none" and "unclear" count against it
 BAR_MIN_SCENE = {"nurse": ("hospital", 0.90), "philosopher": ("library", 0.90)}
-BAR_SCENE_TOLERANCE = 0.12  # for man, woman, person: every scene share within 12 points
+BAR_SCENE_TOLERANCE = 0.12  # [0, 1] for man, woman, person: every scene share within 12 points
 BAR_SCENE_WORDS = ("man", "woman", "person")
 
 
@@ -62,14 +62,16 @@ def expected_shares(class_words: dict[str, list[str]], prompts: dict[str, str]) 
 
 
 def measure(attributes: list[dict[str, str]]) -> dict[str, float]:
-    """Shares of long hair (among images with hair), hair detected and each scene, from the
-    per-image ``portraits.measure_attributes``."""
+    """Shares of the per-image ``portraits.measure_attributes`` calls: hair called (long or
+    short; "none" and "unclear" are not), long hair among the called, and each scene plus
+    "unclear" over all images (an unclear scene counts against every scene's share)."""
     n = len(attributes)
-    with_hair = [a for a in attributes if a["hair"] != "none"]
-    shares = {"n": n, "hair_detected": len(with_hair) / n,
+    with_hair = [a for a in attributes if a["hair"] in ("long", "short")]
+    shares = {"n": n, "hair_called": len(with_hair) / n,
               "long": sum(a["hair"] == "long" for a in with_hair) / max(1, len(with_hair)),
-              "n_with_hair": len(with_hair), "n_long": sum(a["hair"] == "long" for a in with_hair)}
-    for scene in SCENES:
+              "n_with_hair": len(with_hair), "n_long": sum(a["hair"] == "long" for a in with_hair),
+              "hair_unclear": sum(a["hair"] == "unclear" for a in attributes) / n}
+    for scene in SCENES + ("unclear",):
         shares[scene] = sum(a["scene"] == scene for a in attributes) / n
     return shares
 
@@ -77,8 +79,8 @@ def measure(attributes: list[dict[str, str]]) -> dict[str, float]:
 def bar_failures(word: str, shares: dict[str, float], expected: dict[str, float]) -> list[str]:
     """Which criteria of the acceptance bar a word's measured shares miss (at guidance 1)."""
     failures = []
-    if shares["hair_detected"] < BAR_MIN_HAIR_DETECTED:
-        failures.append(f"hair detected {shares['hair_detected']:.0%} < {BAR_MIN_HAIR_DETECTED:.0%}")
+    if shares["hair_called"] < BAR_MIN_HAIR_CALLED:
+        failures.append(f"hair called {shares['hair_called']:.0%} < {BAR_MIN_HAIR_CALLED:.0%}")
     if word == "man" and shares["long"] > BAR_MAX_LONG_MAN:
         failures.append(f"long hair {shares['long']:.0%} > {BAR_MAX_LONG_MAN:.0%}")
     if word == "woman" and shares["long"] < BAR_MIN_LONG_WOMAN:
@@ -128,26 +130,28 @@ def fidelity_row(word: str, guidance: float, attributes: list[dict[str, str]],
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| word | guidance | n | hair detected | long hair | neutral / hospital / library | expected long, scenes | bar (guidance 1) |",
+    lines = ["| word | guidance | n | hair called | long hair | neutral / hospital / library / unclear | expected long, scenes | bar (guidance 1) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         expected = (f"{r['expected_long']:.0%}, {r['expected_neutral']:.0%} / {r['expected_hospital']:.0%} / "
                     f"{r['expected_library']:.0%}") if "expected_long" in r else "-"
-        lines.append(f"| {r['word']} | {r['guidance']:g} | {r['n']} | {r['hair_detected']:.0%} | {r['long']:.0%} | "
-                     f"{r['neutral']:.0%} / {r['hospital']:.0%} / {r['library']:.0%} | {expected} | {r['bar']} |")
+        lines.append(f"| {r['word']} | {r['guidance']:g} | {r['n']} | {r['hair_called']:.0%} | {r['long']:.0%} | "
+                     f"{r['neutral']:.0%} / {r['hospital']:.0%} / {r['library']:.0%} / {r['unclear']:.0%} | {expected} | "
+                     f"{r['bar']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = config_from_constants(constants_of(globals()), argv=argv, choices={"sampler": SAMPLERS},
                                 description=__doc__.splitlines()[0])
-    require(cfg["n_per_word"] > 0, f"--n_per_word: must be positive, got {cfg['n_per_word']}")
-    try:
-        guidances = [float(g) for g in cfg["guidance"].split(",")]
-    except ValueError:
-        raise InputError(f"--guidance: expected comma-separated numbers, got {cfg['guidance']!r}") from None
+    guidances = parse_number_list(cfg["guidance"], "guidance")
     run = TrainedRun(cfg["run"], resolve_device(cfg["device"]), checkpoint=cfg["checkpoint"])
+    sampling_scheduler(run.scheduler, cfg["sampler"], cfg["sample_steps"])  # steps outside the run's table stop here
     out = Path(cfg["out"] or Path(cfg["run"]) / ("fidelity" + (f"-{cfg['checkpoint']}" if cfg["checkpoint"] else "")))
+    writable_folder(out, "out")
+    pixels = 3 * run.model.config.image_size ** 2
+    require_memory(len(run.words) * cfg["n_per_word"] * pixels + min(cfg["batch_size"], cfg["n_per_word"]) * pixels
+                   * 4 * 4, f"--n_per_word {cfg['n_per_word']} / --batch_size {cfg['batch_size']}")
     rows = evaluate(run, list(run.words), cfg["n_per_word"], guidances, cfg["sampler"], cfg["sample_steps"], cfg["seed"],
                     cfg["batch_size"], out)
     table = format_table(rows)

@@ -38,13 +38,21 @@ _HOSPITAL_BAND_RGB = (70, 160, 150)
 _LIBRARY_WALL_RGB = (125, 82, 52)
 _BOOK_RGBS = ((150, 60, 45), (110, 70, 40), (165, 105, 55), (120, 45, 40), (140, 90, 60))
 
-# Measurement thresholds (fractions of the image side, colour units 0-255).
-_HAIR_MAX_VALUE = 70
-_HAIR_MAX_CHROMA = 25
+# Measurement thresholds (fractions of the image side, colour units 0-255). On the renders hair
+# has max channel <= ~38 while everything else has >= ~95, and every colour class below sits far
+# from its thresholds; generated samples blur and tint, so calls between the bands are "unclear".
+_HAIR_MAX_VALUE = 80
+_HAIR_MAX_CHROMA = 40
 _HAIR_MIN_FRACTION = 0.01  # share of pixels that must be hair for hair to count as present
-_LONG_HAIR_MIN_SPAN = 0.30  # vertical span (10th-90th percentile) separating long from short
-_LIBRARY_MIN_WARMTH = 18  # R - B of the top corners
-_HOSPITAL_MIN_COOLNESS = 12  # B - R of the top corners
+_SHORT_MAX_SPAN, _LONG_MIN_SPAN = 0.20, 0.30  # vertical span (10th-90th percentile) of the hair rows
+_SHORT_MAX_FRACTION, _LONG_MIN_FRACTION = 0.06, 0.045  # renders: short <= 0.036, long >= 0.071
+_NEUTRAL_MAX_TINT = 12  # |R - B| of the top corners (renders: <= 6; samples drift to a pinkish grey)
+_HOSPITAL_MIN_COOLNESS = 8  # B - R of the top corners, with scrubs (renders: >= 18; samples: pale blue + band + scrubs at 12)
+_LIBRARY_MIN_WARMTH = 30  # R - B of the top corners, with tweed (renders: >= 60)
+_GRAY_MAX_CHROMA = 30  # clothes patch (renders: gray <= 26; scrubs >= 99; tweed >= 29 with R - B >= 29)
+_SCRUBS_MIN_BLUE = 50  # B - R of the clothes patch (renders: >= 99)
+_TWEED_MIN_WARMTH = 28  # R - B of the clothes patch (renders: tweed >= 29, gray shirt <= 26)
+SCENE_CLOTHES = {"neutral": "gray shirt", "hospital": "blue scrubs", "library": "tweed jacket"}
 
 
 def attributes_from_prompt(prompt: str) -> dict[str, str]:
@@ -173,14 +181,52 @@ def _as_uint8_batch(images) -> np.ndarray:
     return array
 
 
-def measure_attributes(images) -> list[dict[str, str]]:
-    """Hair (long / short / none) and scene (neutral / hospital / library) of each image.
+def hair_call(mask: np.ndarray) -> str:
+    """long / short / none / unclear from a boolean hair mask (H, W): none below 1% hair pixels;
+    short when the 10th-90th percentile span of hair rows is <= 0.20 of the height AND the hair
+    covers <= 6% of the image; long when the span is >= 0.30 AND the cover >= 4.5%; otherwise
+    the two measures disagree or fall between the bands (a blurred or hybrid sample): unclear."""
+    height, width = mask.shape
+    rows = np.nonzero(mask)[0]
+    fraction = rows.size / (height * width)
+    if fraction < _HAIR_MIN_FRACTION:
+        return "none"
+    low, high = np.percentile(rows, [10, 90])
+    span = (high - low) / height
+    if span <= _SHORT_MAX_SPAN and fraction <= _SHORT_MAX_FRACTION:
+        return "short"
+    if span >= _LONG_MIN_SPAN and fraction >= _LONG_MIN_FRACTION:
+        return "long"
+    return "unclear"
 
-    Rules (see the module docstring): a pixel is hair when max(R, G, B) < 70 and
-    max - min < 25; hair is present when >= 1% of pixels are hair, and long when the
-    10th-90th percentile span of hair rows is >= 0.30 of the height. The scene is read
-    from the mean colour of the two top corners (top 30%, outer 18% each side):
-    library when R - B >= 18, hospital when B - R >= 12, neutral otherwise.
+
+def scene_call(corner_rgb: np.ndarray, clothes_rgb: np.ndarray) -> str:
+    """neutral / hospital / library / unclear from the mean colour of the top corners (the
+    background) and of the bottom-centre patch (the clothes), which the data always pairs:
+    neutral = a grey wall (|R - B| <= 12) with a grey shirt (chroma <= 30); hospital = a cool
+    wall (B - R >= 8) with blue scrubs (B - R >= 50); library = a warm wall (R - B >= 30) with
+    tweed (R - B >= 28). Anything else - a tint between the bands, or clothes of another scene
+    (a brown wall behind a grey shirt, a pale wall without scrubs) - is an unclear hybrid."""
+    tint = float(corner_rgb[0] - corner_rgb[2])
+    red, _, blue = (float(v) for v in clothes_rgb)
+    chroma = float(clothes_rgb.max() - clothes_rgb.min())
+    if abs(tint) <= _NEUTRAL_MAX_TINT and chroma <= _GRAY_MAX_CHROMA:
+        return "neutral"
+    if -tint >= _HOSPITAL_MIN_COOLNESS and blue - red >= _SCRUBS_MIN_BLUE:
+        return "hospital"
+    if tint >= _LIBRARY_MIN_WARMTH and red - blue >= _TWEED_MIN_WARMTH:
+        return "library"
+    return "unclear"
+
+
+def measure_attributes(images) -> list[dict[str, str]]:
+    """Hair (long / short / none / unclear) and scene (neutral / hospital / library / unclear) of each image.
+
+    A pixel is hair when max(R, G, B) < 80 and max - min < 40 (on the renders hair is <= ~38 and
+    every other pixel >= ~95); see ``hair_call``. The scene comes from the two top corners (top
+    30%, outer 18% each side) and the clothes patch (bottom 15%, middle 30%); see ``scene_call``.
+    Exact on the renders (tested); "unclear" is how a blurred or hybrid sample is reported
+    instead of being forced into a class.
     """
     batch = _as_uint8_batch(images).astype(np.int16)
     _, height, width, _ = batch.shape
@@ -191,19 +237,7 @@ def measure_attributes(images) -> list[dict[str, str]]:
     corner_width = max(1, int(0.18 * width))
     corners = np.concatenate([batch[:, corner_rows, :corner_width], batch[:, corner_rows, -corner_width:]], axis=2)
     corner_rgb = corners.reshape(len(batch), -1, 3).mean(axis=1)
-    results = []
-    for mask, (red, _, blue) in zip(hair_mask, corner_rgb):
-        rows = np.nonzero(mask)[0]
-        if rows.size < _HAIR_MIN_FRACTION * height * width:
-            hair = "none"
-        else:
-            low, high = np.percentile(rows, [10, 90])
-            hair = "long" if (high - low) / height >= _LONG_HAIR_MIN_SPAN else "short"
-        if red - blue >= _LIBRARY_MIN_WARMTH:
-            scene = "library"
-        elif blue - red >= _HOSPITAL_MIN_COOLNESS:
-            scene = "hospital"
-        else:
-            scene = "neutral"
-        results.append({"hair": hair, "scene": scene})
-    return results
+    clothes = batch[:, int(0.85 * height):, int(0.35 * width):max(int(0.35 * width) + 1, int(0.65 * width))]
+    clothes_rgb = clothes.reshape(len(batch), -1, 3).mean(axis=1)
+    return [{"hair": hair_call(mask), "scene": scene_call(corner, cloth)}
+            for mask, corner, cloth in zip(hair_mask, corner_rgb, clothes_rgb)]

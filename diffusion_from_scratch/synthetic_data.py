@@ -25,21 +25,22 @@ from PIL import Image
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.portraits import RENDER_SIZE, attributes_from_prompt, render_portrait
-from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_bytes, atomic_write_json, derived_seed,
-                                          load_prompts, remove_orphaned_temporaries, resolve_device,
-                                          write_jsonl, progress_bar)
+from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_bytes, atomic_write_json, derived_seed, load_json,
+                                          load_prompts, remove_orphaned_temporaries, require_disk, require_memory,
+                                          require_writable, resolve_device, to_rgb8, write_jsonl, progress_bar,
+                                          writable_folder)
 
 # ----------------------------------------------------------------------------- config
 SOURCE = "procedural"  # procedural (built-in renderer, CPU) | stable-diffusion (the paper's data)
 OUT = "data/generated/portraits"  # output folder
-PER_CLASS = 1000  # images per class (the paper used 6000)
+PER_CLASS = 1000  # [1, inf) images per class (the paper used 6000)
 SIZES = ""  # comma-separated side lengths; "full" = native size; empty = source default
-TEST_FRACTION = 0.1  # share of each class held out in test/
-SEED = 0  # base seed; each image's seed is derived from it, its class and its index
+TEST_FRACTION = 0.1  # [0, 1) share of each class held out in test/
+SEED = 0  # [0, 2**63) base seed; each image's seed is derived from it, its class and its index
 PROMPTS = str(DATA_DIR / "prompts.json")  # class -> prompt
 MODEL = "stabilityai/stable-diffusion-2-1"  # stable-diffusion: hub id or local pipeline folder
-NUM_INFERENCE_STEPS = 20  # stable-diffusion: DPMSolverSDEScheduler steps
-BATCH_SIZE = 15  # images generated together (one class per batch)
+NUM_INFERENCE_STEPS = 20  # [1, inf) stable-diffusion: DPMSolverSDEScheduler steps
+BATCH_SIZE = 15  # [1, inf) images generated together (one class per batch)
 DTYPE = "auto"  # auto (fp16 on an accelerator, fp32 on CPU) | fp32 | fp16 | bf16
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
 SHARD = ""  # i/n: this process makes every n-th image starting at i (empty = RANK/WORLD_SIZE or 0/1)
@@ -161,37 +162,58 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def save_image(image: Image.Image, out: Path, files: dict[str, str]) -> None:
-    image = image.convert("RGB")
+    """The source's image as 8-bit RGB (any mode or bit depth, ``utils.to_rgb8``), resized
+    bicubically to each size and written atomically."""
+    image = to_rgb8(image, out / next(iter(files.values())))
     for size, relative in files.items():
         side = int(size)
         resized = image if image.size == (side, side) else image.resize((side, side), Image.Resampling.BICUBIC)
         atomic_write_bytes(out / relative, png_bytes(resized))
 
 
-def check_dataset_settings(out: Path, settings: dict) -> None:
-    """Refuse to mix two datasets in one folder; record the settings on first use."""
+def check_dataset_settings(out: Path, settings: dict | None) -> None:
+    """Refuse to mix two datasets in one folder; record the settings on first use (``settings``
+    None: only check that an existing dataset.json is readable)."""
     path = out / "dataset.json"
-    if path.is_file():
-        import json
-        previous = json.loads(path.read_text())
+    if path.exists():
+        previous = load_json(path)
+        if not isinstance(previous, dict):
+            raise InputError(f"{path}: expected a JSON object of the dataset's settings; move it away or use "
+                             f"another --out")
+        if settings is None:
+            return
         changed = [k for k in IDENTITY_KEYS if previous.get(k) != settings.get(k)]
         require(not changed, f"--out: {out} holds a dataset made with other settings ({', '.join(changed)}); "
                              f"use another folder")
-    else:
+    elif settings is not None:
         atomic_write_json(path, settings)
+
+
+_PNG_BYTES_PER_PIXEL = 1 / 32  # a lower bound of a portrait PNG's size per pixel (renders at 256 px: 0.09)
+_PLAN_BYTES_PER_IMAGE = 300  # a lower bound of the memory the plan of the images takes per image (measured: 303)
+
+
+def check_room(out: Path, n_images: int, sizes: list[int]) -> None:
+    """Refuse, before anything is written, a dataset whose plan cannot fit in memory or whose
+    PNGs cannot fit on the disk of ``out`` (lower bounds: a request that fits is never refused)."""
+    what = f"--per_class / --sizes ({n_images:,} images at {', '.join(map(str, sizes))} px)"
+    require_memory(n_images * _PLAN_BYTES_PER_IMAGE + max(sizes) ** 2 * 3 * 2, what)
+    require_disk(out, n_images * sum(side * side * _PNG_BYTES_PER_PIXEL for side in sizes), what)
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> Path:
     cfg = config_from_constants(constants_of(globals()), argv=argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])
-    require(cfg["per_class"] > 0, f"--per_class: must be positive, got {cfg['per_class']}")
-    require(0.0 <= cfg["test_fraction"] < 1.0, f"--test_fraction: need 0 <= f < 1, got {cfg['test_fraction']}")
-    require(cfg["batch_size"] > 0, f"--batch_size: must be positive, got {cfg['batch_size']}")
     shard_index, shard_count = parse_shard(cfg["shard"])
     prompts = load_prompts(Path(cfg["prompts"]))
     sizes_text = cfg["sizes"] or DEFAULT_SIZES[cfg["source"]]
-    parse_sizes(sizes_text, native=1)  # validate before loading anything heavy
+    # validate before loading anything heavy (a Stable Diffusion model's native size is known once it is loaded)
+    check_room(Path(cfg["out"]), len(prompts) * cfg["per_class"],
+               parse_sizes(sizes_text, native=ProceduralSource.native_size if cfg["source"] == "procedural" else 1))
+    out = Path(cfg["out"])
+    require_writable(out, "out")
+    check_dataset_settings(out, None)  # a damaged dataset.json stops here, before any model is loaded
 
     if cfg["source"] == "procedural":
         source = ProceduralSource(prompts)
@@ -199,15 +221,9 @@ def main(argv: list[str] | None = None) -> Path:
         source = StableDiffusionSource(cfg["model"], cfg["num_inference_steps"], cfg["dtype"],
                                        resolve_device(cfg["device"]))
     sizes = parse_sizes(sizes_text, native=source.native_size)
+    check_room(out, len(prompts) * cfg["per_class"], sizes)
+    writable_folder(out, "out")
 
-    out = Path(cfg["out"])
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise InputError(f"--out: cannot write to {out}: {error.strerror or error}") from None
     settings = {k: cfg[k] for k in IDENTITY_KEYS} | {"sizes": sizes, "model": source.model}
     check_dataset_settings(out, settings)
     remove_orphaned_temporaries(out)
@@ -256,4 +272,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, "interrupted: rerun the same command to resume (finished images are kept)")

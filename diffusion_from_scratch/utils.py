@@ -6,8 +6,10 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -22,12 +24,13 @@ from diffusion_from_scratch.cli import InputError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_TEXT_FILE_BYTES = 1 << 30  # settings, word lists and tables larger than this are refused, not read into memory
 
 
 # ----------------------------------------------------------------------------- data files
 def load_prompts(path: Path = DATA_DIR / "prompts.json") -> dict[str, str]:
     """class -> Stable Diffusion prompt, checked: a non-empty JSON object of non-empty strings."""
-    prompts = _load_json(path)
+    prompts = load_json(path)
     if not isinstance(prompts, dict) or not prompts:
         raise InputError(f"{path}: expected a non-empty JSON object mapping class -> prompt")
     for name, prompt in prompts.items():
@@ -38,7 +41,7 @@ def load_prompts(path: Path = DATA_DIR / "prompts.json") -> dict[str, str]:
 
 def load_class_words(path: Path = DATA_DIR / "class_words.json") -> dict[str, list[str]]:
     """class -> the words its images are trained with (one optimizer step per word)."""
-    mapping = _load_json(path)
+    mapping = load_json(path)
     if not isinstance(mapping, dict) or not mapping:
         raise InputError(f"{path}: expected a non-empty JSON object mapping class -> list of words")
     for name, words in mapping.items():
@@ -47,24 +50,38 @@ def load_class_words(path: Path = DATA_DIR / "class_words.json") -> dict[str, li
     return mapping
 
 
+def read_text_file(path: Path, what: str, limit: int | None = None) -> str:
+    """A UTF-8 text file's content; a missing, unreadable, non-UTF-8 or (with ``limit`` bytes)
+    absurdly large file raises InputError naming it and ``what`` was expected."""
+    path = Path(path)
+    limit = MAX_TEXT_FILE_BYTES if limit is None else limit
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise InputError(f"{path}: {human_bytes(size)} is too large for {what} (at most {human_bytes(limit)})")
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: expected {what} in UTF-8 text, but byte {error.start} is not UTF-8") from None
+
+
 def load_word_list(path: Path) -> list[str]:
     """One word or phrase per line; blank lines and '#' comments are ignored."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as error:
-        raise InputError(f"cannot read word list {path}: {error.strerror}") from None
+    lines = read_text_file(path, "a word list").splitlines()
     words = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not words:
         raise InputError(f"{path}: the word list is empty")
     return words
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
+    """A JSON file's content; a missing, unreadable, malformed or absurdly large file raises
+    InputError naming it."""
+    text = read_text_file(path, "a JSON file")
     try:
-        return json.loads(Path(path).read_text())
-    except OSError as error:
-        raise InputError(f"cannot read {path}: {error.strerror}") from None
-    except json.JSONDecodeError as error:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
         raise InputError(f"{path}: invalid JSON ({error})") from None
 
 
@@ -96,14 +113,121 @@ def derived_seed(base_seed: int, *keys: int | str) -> int:
     return int(np.random.SeedSequence(material).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+# ----------------------------------------------------------------------------- room for a request
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can get: MemAvailable of /proc/meminfo (Linux), else free pages x
+    page size (os.sysconf); None when neither is known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_memory(nbytes: float, what: str) -> None:
+    """InputError before any work when ``what`` needs more memory than is available now."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise InputError(f"{what}: needs about {human_bytes(nbytes)} of memory, more than the {human_bytes(available)} "
+                         f"available; ask for less")
+
+
+def free_disk(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent); None
+    when unknown (a pseudo file system such as /proc or /sys reports no blocks at all)."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                if hasattr(os, "statvfs") and os.statvfs(candidate).f_blocks == 0:
+                    return None
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def require_disk(path: Path, nbytes: float, what: str) -> None:
+    """InputError before anything is written when ``what`` needs more disk than ``path`` has free."""
+    free = free_disk(path)
+    if free is not None and nbytes > free:
+        raise InputError(f"{what}: needs about {human_bytes(nbytes)} of disk in {path}, more than the "
+                         f"{human_bytes(free)} free; ask for less or choose another folder")
+
+
+def require_writable(path: Path, flag: str) -> None:
+    """Check, without creating anything, that the folder ``path`` exists or can be created and
+    written: its nearest existing part must be a folder this process may write to."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "it is a file" if candidate == path else f"{candidate} is a file"
+                raise InputError(f"--{flag}: cannot write to {path}: {what}, not a folder")
+            if not os.access(candidate, os.W_OK | os.X_OK):
+                raise InputError(f"--{flag}: cannot write to {path}: {candidate} is not writable")
+            return
+
+
+def writable_folder(path: Path, flag: str) -> Path:
+    """Create the folder ``path`` (and its parents) and check that a file can be written in it;
+    a path under a file, a file itself, or a read-only place raises InputError naming ``flag``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if path.exists() and not path.is_dir():
+            reason = "it is a file, not a folder"
+        elif any(parent.exists() and not parent.is_dir() for parent in path.parents):
+            reason = "a part of the path is a file, not a folder"
+        raise InputError(f"--{flag}: cannot write to {path}: {reason}") from None
+    return path
+
+
 # ----------------------------------------------------------------------------- atomic writes
+def current_umask() -> int:
+    """The process's file-mode creation mask (read from /proc where it can be, so that no
+    other thread ever sees a changed umask; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    The file ends up with the mode a plain ``open(path, "wb")`` gives, 0o666 & ~umask
+    (mkstemp alone creates it 0o600, which colleagues sharing a dataset cannot read).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -172,11 +296,45 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- image datasets
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's 16-bit greyscale modes
+SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")  # formats whose 32-bit "I" mode holds 16-bit values (0..65535)
+
+
+def to_rgb8(image, path: Path | str):
+    """A Pillow image of any mode as 8-bit RGB, or InputError naming ``path``.
+
+    16-bit greyscale (modes I;16*, and mode I from PNG or PGM, whose values span
+    0..65535) maps v -> round(v * 255 / 65535); Pillow's own ``convert("RGB")`` clips
+    those values at 255 and makes the image white. 16-bit RGB(A) PNGs already open as 8-bit
+    (Pillow keeps each sample's high byte, floor(v / 256)). Palette, greyscale, CMYK, YCbCr and alpha modes use Pillow's conversion (alpha is
+    dropped, as torchvision's loader does). Mode I from other formats (32-bit integers)
+    and mode F (floats) have no defined intensity range and are refused.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and image.format in SIXTEEN_BIT_I_FORMATS):
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise InputError(f"{path}: 16-bit image with values outside 0..65535 (mode {mode})")
+        return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("I", "F"):
+        raise InputError(f"{path}: mode {mode} ({'32-bit integer' if mode == 'I' else 'floating-point'} pixels) "
+                         f"has no defined intensity range; save it as an 8- or 16-bit PNG")
+    if mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise InputError(f"{path}: cannot convert mode {mode} to RGB ({error}); save it as an RGB PNG") from None
+
+
 def load_split(root: Path, split: str, class_names: list[str], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of ``<root>/<split>/<class>/*`` as uint8 (N, 3, S, S) plus class indices (N,).
 
     Class folders must match ``class_names`` exactly (``data/class_words.json``): a missing,
     extra or empty class folder, or an image that does not decode, raises InputError naming it.
+    Images of any mode or bit depth become 8-bit RGB through ``to_rgb8``.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -196,9 +354,16 @@ def load_split(root: Path, split: str, class_names: list[str], image_size: int) 
             raise InputError(f"--dataset_path: class folder {split_dir / name} has no images")
         for path in files:
             try:
-                with Image.open(path) as image:
-                    image = image.convert("RGB")
-            except (OSError, UnidentifiedImageError, SyntaxError):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(path) as opened:
+                        opened.load()
+                        image = to_rgb8(opened, path)
+                        if image is opened:
+                            image = opened.copy()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise InputError(f"{path}: the image claims an enormous size; refusing to decode it") from None
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
                 raise InputError(f"corrupt or unreadable image: {path}") from None
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)

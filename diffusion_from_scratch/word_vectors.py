@@ -440,23 +440,92 @@ def _load_cached(source: str) -> WordVectors:
 
 # ------------------------------------------------------------- tables and reports
 
+# Where the conditioning vectors are debiased (a run's ``debias`` setting).
+DEBIAS_MODES = ("none", "hard", "projected")
+DEBIAS_HELP = ("none: the embedding as it is; hard: Bolukbasi et al.'s hard-debias in the embedding's own space, "
+               "before the JL projection; projected: the same neutralise/equalise after the projection, in the "
+               "space the model sees, with the gender direction of the projected definitional pairs")
 
-def _unit_or_debiased(wv: WordVectors, words: Sequence[str], debias: bool) -> np.ndarray:
-    return debiased_vectors(wv, words) if debias else wv.units(words)
+
+def debias_mode(value: bool | str) -> str:
+    """A run's ``debias`` setting as one of ``DEBIAS_MODES`` (older runs stored a bool: True = "hard")."""
+    if isinstance(value, bool):
+        return "hard" if value else "none"
+    text = str(value).strip().lower()
+    aliases = {"false": "none", "off": "none", "true": "hard", "before_jl": "hard", "after_jl": "projected"}
+    text = aliases.get(text, text)
+    require(text in DEBIAS_MODES, f"--debias: expected one of {', '.join(DEBIAS_MODES)}, got {value!r}")
+    return text
 
 
-def word_table(words: Sequence[str], source: str = DEFAULT_SOURCE, debias: bool = False,
-               jl_seed: int = 0, dim: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Conditioning table: ``project(unit or hard-debiased vectors, jl_matrix(in_dim, dim, jl_seed))``.
+def projected_gender_direction(wv: WordVectors, matrix: np.ndarray) -> np.ndarray:
+    """Unit gender direction of the projected space (female side positive), float64.
 
-    Returns (table (len(words), dim) float32, matrix (in_dim, dim) float32); row i belongs
-    to ``words[i]``. Keep the matrix: it projects any other word the same way later.
+    ``principal_gender_direction`` of the projected definitional pairs P(unit(f_i)), P(unit(m_i))
+    (Bolukbasi et al. 2016, sec. 6, applied after the projection P = ``project``).
+    """
+    pairs = [p for p in load_gender_words().definitional_pairs if all(wv.key(w) in wv._index for w in p)]
+    require(bool(pairs), f"word vectors {wv.source!r} contain none of the definitional gender pairs of "
+                         f"{GENDER_WORDS_PATH}; cannot compute the gender direction")
+    female = project(wv.units(p[0] for p in pairs), matrix)
+    male = project(wv.units(p[1] for p in pairs), matrix)
+    return principal_gender_direction(female, male)
+
+
+def debias_projected(words: Sequence[str], projected: np.ndarray, wv: WordVectors, matrix: np.ndarray) -> np.ndarray:
+    """Hard-debias (neutralise / equalize, Bolukbasi et al. 2016) applied to projected vectors.
+
+    ``projected`` (n, dim) are the rows ``project(unit(w), matrix)`` of ``words``; g is
+    ``projected_gender_direction``. Words of an equalize pair are equalized with their
+    projected partner, other gender-specific words are unit-normalised, every other word
+    is neutralised: w' = unit(w - (w.g) g). Every row of the result is a unit vector, and
+    every neutralised word has exactly the same cosine with "woman" as with "man".
+    """
+    lists, g = load_gender_words(), projected_gender_direction(wv, matrix)
+    rows = []
+    for word, vector in zip(words, np.asarray(projected, dtype=np.float64)):
+        pair = lists.pair_of(word)
+        if pair and wv.key(word) in map(wv.key, pair) and all(w in wv for w in pair):
+            female, male = equalize(*project(wv.units(pair), matrix), g)
+            rows.append(female if wv.key(word) == wv.key(pair[0]) else male)
+        elif word.lower() in lists.specific:
+            rows.append(unit_rows(vector))
+        else:
+            rows.append(neutralize(vector, g))
+    return np.stack(rows).reshape(-1, matrix.shape[1]).astype(np.float32)
+
+
+def _unit_or_debiased(wv: WordVectors, words: Sequence[str], debias: bool | str) -> np.ndarray:
+    """Unit vectors of ``words`` in the embedding's own space, hard-debiased for mode "hard"."""
+    return debiased_vectors(wv, words) if debias_mode(debias) == "hard" else wv.units(words)
+
+
+def conditioning_table(words: Sequence[str], wv: WordVectors, matrix: np.ndarray, debias: bool | str = "none"
+                       ) -> np.ndarray:
+    """The word vectors the model is conditioned on, (n, dim) float32: the one path from words to
+    conditioning, used by training and by every later use of a run (with its saved matrix).
+
+    none: ``project(unit(w), matrix)``; hard: ``project(hard_debiased(w), matrix)``; projected:
+    ``debias_projected(words, project(unit(w), matrix))``.
     """
     words = list(words)
-    require(bool(words), "word_table: no words given")
+    require(bool(words), "conditioning_table: no words given")
+    mode = debias_mode(debias)
+    table = project(_unit_or_debiased(wv, words, mode), matrix)
+    return debias_projected(words, table, wv, matrix) if mode == "projected" else table
+
+
+def word_table(words: Sequence[str], source: str = DEFAULT_SOURCE, debias: bool | str = "none",
+               jl_seed: int = 0, dim: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Conditioning table of ``words`` through a new ``jl_matrix(in_dim, dim, jl_seed)``.
+
+    Returns (table (len(words), dim) float32, matrix (in_dim, dim) float32); row i belongs
+    to ``words[i]`` (see ``conditioning_table``). Keep the matrix: it projects any other word
+    the same way later.
+    """
     wv = load_word_vectors(source)
     matrix = jl_matrix(wv.dim, dim, jl_seed)
-    return project(_unit_or_debiased(wv, words, debias), matrix), matrix
+    return conditioning_table(words, wv, matrix, debias), matrix
 
 
 def _bias_numbers(w: np.ndarray, female: np.ndarray, male: np.ndarray, g: np.ndarray) -> dict[str, float]:
@@ -464,19 +533,103 @@ def _bias_numbers(w: np.ndarray, female: np.ndarray, male: np.ndarray, g: np.nda
             "cosine_gap": cosine_gap(w, female, male), "gender_projection": cosine(w, g)}
 
 
-def embedding_bias(word: str, source: str = DEFAULT_SOURCE, debias: bool = False,
+def embedding_bias(word: str, source: str = DEFAULT_SOURCE, debias: bool | str = "none",
                    jl_matrix: np.ndarray | None = None) -> dict:
     """Embedding bias of ``word``: cos with "woman" and "man", their gap, and the cosine
-    with the source's gender direction (positive = female side); with ``jl_matrix`` the
-    same numbers after ``project`` (keys suffixed ``_jl``). ``debias`` uses the
-    hard-debiased vectors. Also reports the look-up rule.
+    with the source's gender direction (positive = female side), in the embedding's own
+    space (hard-debiased there for mode "hard"); with ``jl_matrix`` the same numbers for the
+    vectors the model sees (``conditioning_table``; keys suffixed ``_jl``; the direction is
+    the projected source direction, or for mode "projected" ``projected_gender_direction``).
+    Also reports the look-up rule.
     """
     wv = load_word_vectors(source)
-    rows = _unit_or_debiased(wv, [word, FEMALE_WORD, MALE_WORD], debias)
+    mode = debias_mode(debias)
+    words = [word, FEMALE_WORD, MALE_WORD]
     g = wv.gender_direction
-    result: dict = {"word": word, "source": wv.source, "debias": bool(debias), "rule": wv.lookup_rule(word)}
-    result.update(_bias_numbers(rows[0], rows[1], rows[2], g))
+    result: dict = {"word": word, "source": wv.source, "debias": mode, "rule": wv.lookup_rule(word)}
+    result.update(_bias_numbers(*_unit_or_debiased(wv, words, mode), g))
     if jl_matrix is not None:
-        projected = project(np.vstack([rows, g]), jl_matrix)
-        result.update({f"{k}_jl": v for k, v in _bias_numbers(*projected).items()})
+        seen = conditioning_table(words, wv, jl_matrix, mode)
+        g_seen = projected_gender_direction(wv, jl_matrix) if mode == "projected" else project(g, jl_matrix)
+        result.update({f"{k}_jl": v for k, v in _bias_numbers(*seen, g_seen).items()})
     return result
+
+
+# ------------------------------------------------------------- moving one word's gender component
+
+SHIFT_SPACES = ("embedding", "projected")
+
+
+def gender_shifted_table(word: str, alphas: Sequence[float], wv: WordVectors, matrix: np.ndarray,
+                         debias: bool | str = "none", space: str = "embedding") -> np.ndarray:
+    """Conditioning vectors of ``word`` with only its gender component moved, (len(alphas), dim).
+
+    - "embedding": v(alpha) = unit(u + alpha g) in the embedding's own space, then
+      ``project`` exactly as training does; u is the word's unit vector as the run sees it
+      before the projection (hard-debiased for mode "hard"), g the source's unit gender
+      direction (``WordVectors.gender_direction``). alpha = 0 gives the word's own vector for
+      modes "none" and "hard".
+    - "projected": c + alpha ||c|| g_P, with c the word's conditioning vector
+      (``conditioning_table``) and g_P = ``projected_gender_direction``: the same move made
+      in the space the model sees (a check on the first).
+    """
+    require(space in SHIFT_SPACES, f"space must be one of {SHIFT_SPACES}, got {space!r}")
+    alphas = np.asarray(list(alphas), dtype=np.float64)
+    if space == "embedding":
+        u = _unit_or_debiased(wv, [word], debias)[0].astype(np.float64)
+        return project(u[None] + alphas[:, None] * wv.gender_direction[None].astype(np.float64), matrix)
+    c = conditioning_table([word], wv, matrix, debias)[0].astype(np.float64)
+    g = projected_gender_direction(wv, matrix)
+    return (c[None] + alphas[:, None] * np.linalg.norm(c) * g[None]).astype(np.float32)
+
+
+def projection_gap_shifts(words: Sequence[str], wv: WordVectors, seeds: Sequence[int], dims: Sequence[int],
+                          debias: bool | str = "none") -> list[dict]:
+    """How much a random projection alone moves each word's cosine gap, without any training.
+
+    For each JL seed s and size d: gap_before = cos(u, woman) - cos(u, man) in the embedding
+    (hard-debiased for mode "hard", where it is 0 for neutralised words), gap_after = the same
+    after ``conditioning_table`` with ``jl_matrix(dim, d, s)``, and shift = gap_after -
+    gap_before. A JL projection preserves inner products of unit vectors only up to errors
+    of order 1/sqrt(d) (Johnson & Lindenstrauss 1984; Dasgupta & Gupta 2003), so shifts of
+    that size are expected. One row per (seed, dim, word).
+    """
+    words = list(words)
+    mode = debias_mode(debias)
+    pre = _unit_or_debiased(wv, words + [FEMALE_WORD, MALE_WORD], mode).astype(np.float64)
+    before = pre[:-2] @ pre[-2] - pre[:-2] @ pre[-1]  # unit rows: dot products are cosines
+    rows = []
+    for dim in dims:
+        for seed in seeds:
+            seen = unit_rows(conditioning_table(words + [FEMALE_WORD, MALE_WORD], wv, jl_matrix(wv.dim, dim, seed),
+                                                mode).astype(np.float64))
+            after = seen[:-2] @ seen[-2] - seen[:-2] @ seen[-1]
+            rows += [{"word": w, "jl_seed": int(seed), "jl_dim": int(dim), "gap_before": float(b),
+                      "gap_after": float(a), "shift": float(a - b)} for w, b, a in zip(words, before, after)]
+    return rows
+
+
+# ------------------------------------------------------------- choosing words
+
+def vocabulary_form(word: str, wv: WordVectors) -> str | None:
+    """``word`` as the embedding spells it: itself, else its upper-case or capitalised form
+    (word2vec is case-sensitive: "ceo" is stored as "CEO"); None when no form is present."""
+    for form in dict.fromkeys((word, word.upper(), word.capitalize(), word.title())):
+        if form in wv:
+            return form
+    return None
+
+
+def pick_unseen(words: Sequence[str], gaps: dict[str, float], limit: int, how: str = "spread") -> list[str]:
+    """``limit`` words (0 = all): the first ones, or ("spread") evenly spaced ranks of ``gaps``,
+    so a regression sees the whole range of embedding bias. Returned sorted by gap."""
+    words = list(words)
+    ordered = sorted(words, key=lambda w: (gaps[w], w))
+    if limit and len(words) > limit:
+        if how == "first":
+            chosen = set(words[:limit])
+            ordered = [w for w in ordered if w in chosen]
+        else:
+            ranks = np.unique(np.round(np.linspace(0, len(ordered) - 1, limit)).astype(int))
+            ordered = [ordered[i] for i in ranks]
+    return ordered

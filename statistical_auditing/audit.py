@@ -2,28 +2,34 @@
 
     python statistical_auditing/audit.py --run runs/tiny
     python statistical_auditing/audit.py --run runs/tiny --words "nurse,engineer" --guidance 1
-    python statistical_auditing/audit.py --run runs/tiny --max_unseen 0 --n_per_word 128 --elbo true
+    python statistical_auditing/audit.py --run runs/tiny --max_unseen 0 --elbo true
 
 The question: the model was trained on gender-balanced images with a handful of words; does
 a word's position in the (biased) word embedding decide the gender mix of the images the
 model draws for it, including words it never saw in training? The audit
 
 1. runs the controls first (a model or metric that fails its controls is wrong):
-   (1) ScoreDecomp's gender accuracy on the run's held-out labelled test images, for each k
-       in --k_list (k = timestep counted from the clean end), with 95% Wilson intervals; the
-       best k is used below unless --k sets it;
-   (2) samples N images per training word and measures them with the portrait attribute
-       rules (hair long -> female-presenting, short -> male-presenting): does the model obey
-       its conditioning? (diffusion_from_scratch/fidelity.py's table and acceptance bar);
-   (3) on those samples, ScoreDecomp's female share against the attribute rule's share, both
-       on the images the attribute rule can call (hair detected);
-2. samples N images for each unseen word (data/professions.txt by default) at each guidance
-   scale and calls the gender of every image with (a) the attribute rule (procedural data
-   only), (b) ScoreDecomp with the model's own scores (candidates "man" / "woman", base
-   --scoredecomp_base: "person" by default, see below), (c) optionally the ELBO classifier;
-3. reports each word's female share with its 95% interval, the word's embedding bias
-   (cos(w, woman) - cos(w, man)) before and after the run's JL projection, and regresses
-   the share on the embedding bias over the unseen words (bootstrap intervals).
+   (1) ScoreDecomp's gender accuracy on the run's held-out labelled test images for each k
+       in --k_list (k = timestep counted from the clean end). The test images are split in
+       two halves: k (and, with --call calibrated, the decision threshold) is chosen on the
+       SELECTION half, and the accuracy and AUC reported for it come from the other, REPORT
+       half, so the reported accuracy is not optimistic;
+   (2) the fidelity bar at the audit's own sampler: the training words' samples, measured
+       by the portrait attribute rules (hair; scene), against what the data teaches each
+       word (diffusion_from_scratch/fidelity.py); "unclear" images count against it;
+   (3) ScoreDecomp's female share against the hair rule's on the same images (those the
+       rule calls), and the rules against a second, independent instrument (a small CNN
+       trained on the renders' ground truth), with a grid of the images they disagree on;
+2. samples the training words with --n_seeds sampling seeds of --n_per_seed images each,
+   and every unseen word (data/professions.txt by default) with --n_per_word images, at each
+   guidance scale, and calls the gender of every image with (a) the hair rule (procedural
+   data only), (b) ScoreDecomp with the model's own scores (candidates "man" / "woman",
+   base --scoredecomp_base: "person" by default, see below), (c) optionally the ELBO classifier;
+3. reports each word's female share with its 95% interval (training words: pooled over the
+   seeds, with the seed-to-seed spread), the word's embedding bias (cos(w, woman) -
+   cos(w, man)) in the original word2vec, in the run's embedding before the JL projection and
+   after it, and regresses the share on each over the unseen words (bootstrap intervals; a
+   regressor without spread, like a debiased gap, gives "undefined", not a slope).
 
 ScoreDecomp's base. The weights of eps(x_t, base) ~ w_man eps(x_t, man) + w_woman eps(x_t, woman)
 are the image's posterior gender probabilities when the base's data is the mixture of the
@@ -31,127 +37,113 @@ candidates' data (p(x | person) = sum_g p(g | person) p(x | g), hence
 grad log p(x_t | person) = sum_g p(g | x_t, person) grad log p(x_t | g)). "person" is trained on
 exactly that mixture. An unseen word's own score is not such a mixture (its scene and look
 differ from both candidates), so with base = the word itself (--scoredecomp_base word) the
-decomposition measures the word's lean, the same for every image: on the demo run it called
-every "dentist" image male at k = 400-600 while half of them have long hair (agreement 0.48).
+decomposition measures the word's lean, the same for every image.
 
-Outputs in <run>/audit/: report.md, proportions.csv, controls.csv, fidelity.csv,
-regression.csv, audit.json, PNGs; sampled images are cached in samples/g<scale>/<word>.npy
-(uint8, N x 3 x H x W, with a .json of the settings that made them), so a rerun with the same
-settings resumes instead of resampling.
+Outputs in <run>/audit/: report.md, proportions.csv (one row per word, scale and method,
+with scene shares for the rule), seeds.csv (training words, one row per sampling seed),
+controls.csv, fidelity.csv, instruments.csv, regression.csv, audit.json, PNGs; sampled images
+are cached in samples/ (uint8 .npy with a .json of the settings that made them), so a rerun
+with the same settings resumes instead of resampling. Every file of a previous audit that
+this one does not write again is removed first, so a folder never mixes two audits.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
-import re
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
+                                    run_main)
 from diffusion_from_scratch.fidelity import expected_shares, fidelity_row, format_table
-from diffusion_from_scratch.pipeline import SAMPLERS, sample, sampling_scheduler
-from diffusion_from_scratch.portraits import measure_attributes
-from diffusion_from_scratch.utils import (DATA_DIR, REPO_ROOT, atomic_write_bytes, atomic_write_json,
-                                          atomic_write_text, compact_csv_text, derived_seed, load_class_words, load_prompts,
-                                          load_word_list, resolve_device, save_image_grid, progress_bar)
-from diffusion_from_scratch.word_vectors import embedding_bias, load_word_vectors
+from diffusion_from_scratch.pipeline import SAMPLERS
+from diffusion_from_scratch.portraits import SCENES, measure_attributes
+from diffusion_from_scratch.utils import (DATA_DIR, REPO_ROOT, atomic_write_json, atomic_write_text,
+                                          compact_csv_text, derived_seed, load_class_words, load_json, load_prompts,
+                                          load_word_list, progress_bar, require_disk, require_memory, resolve_device,
+                                          save_image_grid, writable_folder)
+from diffusion_from_scratch.word_vectors import embedding_bias, load_word_vectors, pick_unseen, vocabulary_form
 from statistical_auditing.diffusion_classifier import elbo_classify
+from statistical_auditing.experiment_stats import hierarchical_regression, pooled_share
 from statistical_auditing.labelled_images import CLASS_WORDS, images_to_tensor, open_labelled_images
+from statistical_auditing.sampling import (CANDIDATES, FEMALE, MALE, UNDECIDED, cached_samples, hair_calls,
+                                           run_fingerprint, scoredecomp_calls, share_of_calls)
 from statistical_auditing.score_models import PixelScoreModel
-from statistical_auditing.scoring import (calls_from_weights, choose_k, gender_accuracy_by_k, image_seeds,
-                                          scoredecomp_weights)
-from statistical_auditing.stats import linear_fit_with_bootstrap, plot_proportions, plot_regression, wilson_interval
+from statistical_auditing.scoring import choose_k, decide, scores_by_k
+from statistical_auditing.stats import binary_auc, calibrated_threshold, plot_proportions, plot_regression, \
+    wilson_interval
 
 # ----------------------------------------------------------------------------- config
 RUN = "runs/tiny"  # training run folder (config.json + checkpoints/)
 OUT = ""  # output folder (empty = <run>/audit)
-K_LIST = "1,5,20,100,200,300,400,500,600,700,800,900"  # ScoreDecomp k to test on labelled images (from the clean end; the tiny model separates genders only at high noise)
-K = 0  # ScoreDecomp k for the audit (0 = the k of the best control accuracy)
+K_LIST = "1,5,20,100,200,300,400,500,600,700,800,900"  # list of ints in [1, inf): ScoreDecomp k tried on labelled images (from the clean end; the tiny model separates genders only at high noise)
+K = 0  # [0, inf) ScoreDecomp k for the audit (0 = the k of the best accuracy on the selection half)
+NUM_INFERENCE_STEPS = 1000  # [1, inf) set_timesteps(n) on the run's scheduler, then t = timesteps[-k] (1000: t = k - 1)
+CALL = "argmax"  # ScoreDecomp's call: argmax (larger weight) | calibrated (threshold on w_woman - w_man chosen on the selection half)
 CONTROL_BASE = "person"  # base word of the accuracy control (candidates are man / woman)
 SCOREDECOMP_BASE = "person"  # base of ScoreDecomp's call on samples: a word whose data mixes man's and woman's, or "word" (each word itself)
-TEST_LIMIT = 240  # labelled test images for the accuracy control, balanced over classes (0 = all)
+TEST_LIMIT = 0  # [0, inf) labelled test images for the accuracy control, balanced over classes (0 = all)
 DATASET_PATH = ""  # <root>/<size> with test/ (empty = the run's dataset_path)
-N_PER_WORD = 64  # images sampled per word and guidance scale
-N_CONTROL = 128  # at least this many images per training word and scale (the fidelity bar's sample size)
-GUIDANCE = "1,3"  # comma-separated classifier-free guidance scales (1 = the model's own conditional)
-SAMPLER = "ddim"  # ddpm | ddim | dpm
-SAMPLE_STEPS = 20  # sampler steps
+N_SEEDS = 4  # [1, inf) sampling seeds for each training word and guidance scale
+N_PER_SEED = 128  # [1, inf) images per training word, scale and seed (N_SEEDS x N_PER_SEED per word and scale)
+N_PER_WORD = 64  # [1, inf) images per unseen word and guidance scale
+GUIDANCE = "1,3"  # list of numbers in (0, inf): comma-separated classifier-free guidance scales (1 = the model's own conditional)
+SAMPLER = "dpm"  # ddpm | ddim | dpm (DPM-Solver++)
+SAMPLE_STEPS = 20  # [1, inf) sampler steps
 WORDS = ""  # comma-separated unseen words (each must be in the embedding); overrides WORDS_FILE
 WORDS_FILE = str(DATA_DIR / "professions.txt")  # unseen words, one per line (missing ones are skipped)
-MAX_UNSEEN = 20  # unseen words from WORDS_FILE to audit (0 = all); --words are all audited
+MAX_UNSEEN = 20  # [0, inf) unseen words from WORDS_FILE to audit (0 = all); --words are all audited
 UNSEEN_PICK = "spread"  # spread (evenly spaced ranks of the original embedding's gender gap) | first (file order)
+INSTRUMENT = True  # check the attribute rules against a CNN trained on the renders' ground truth
 ELBO = False  # also call gender with the ELBO (diffusion likelihood) classifier (slow)
-ELBO_SAMPLES = 32  # Monte-Carlo timesteps per image for the ELBO classifier
-AGREEMENT_TOLERANCE = 0.10  # control 3: ScoreDecomp and the attribute rule must agree within this share
-N_BOOT = 1000  # bootstrap resamples for the regression intervals
-SEED = 0  # base seed of sampling, ScoreDecomp noise and bootstrap
-BATCH_SIZE = 128  # images per model batch
-GRID_PER_WORD = 8  # images per word in the sample grids
+ELBO_SAMPLES = 32  # [1, inf) Monte-Carlo timesteps per image for the ELBO classifier
+AGREEMENT_TOLERANCE = 0.10  # (0, 1) control 3: ScoreDecomp and the hair rule must agree within this share
+N_BOOT = 1000  # [10, inf) bootstrap resamples for the regression intervals
+SEED = 0  # [0, 2**63) base seed of sampling, ScoreDecomp noise and bootstrap
+BATCH_SIZE = 128  # [1, inf) images per model batch
+GRID_PER_WORD = 8  # [1, inf) images per word in the sample grids
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
-NUM_THREADS = 0  # torch CPU threads (0 = torch's default; 1 is faster on a busy shared machine)
+NUM_THREADS = 0  # [0, inf) torch CPU threads (0 = torch's default; 1 is faster on a busy shared machine)
 
-# The defaults are the demo: about 110,000 evaluations of the tiny preset's UNet (25 words x 64 images x 20 steps
-# x 3 evaluations for guidance 1 + 3, then ScoreDecomp, then the accuracy control at 7 k on 240 test images).
-# One evaluation costs about 4 ms of one CPU core, so this is about 8 minutes on one core, fewer on two free ones.
-# "full" is the audit worth publishing (GPU); "smoke" is for quick checks.
 PRESETS = {
-    "full": dict(n_per_word=128, sample_steps=50, max_unseen=0, test_limit=0),
-    "smoke": dict(n_per_word=2, n_control=0, sample_steps=2, max_unseen=3, test_limit=12, k_list="1,10", n_boot=50,
-                  guidance="1,3"),
+    "full": dict(n_per_word=128, max_unseen=0),
+    "smoke": dict(n_seeds=2, n_per_seed=2, n_per_word=2, sample_steps=2, max_unseen=3, test_limit=12,
+                  k_list="1,10", n_boot=50, guidance="1,3", instrument=False),
 }
-CHOICES = {"sampler": SAMPLERS, "unseen_pick": ("spread", "first")}
-CANDIDATES = ("man", "woman")  # ScoreDecomp candidates; index 1 is the female side
+CHOICES = {"sampler": SAMPLERS, "unseen_pick": ("spread", "first"), "call": ("argmax", "calibrated")}
 CANDIDATE_LABELS = ("male", "female")
-_FEMALE = 1
-METHOD_NAMES = {"scoredecomp": "ScoreDecomp", "attribute": "attribute rule", "elbo": "ELBO classifier"}
-X_VARIANTS = {"cosine_gap": "before the JL projection", "cosine_gap_jl": "after the JL projection"}
-EMBEDDING_KEYS = ("lookup_rule", "cos_woman", "cos_man", "cosine_gap", "gender_projection",
+METHOD_NAMES = {"scoredecomp": "ScoreDecomp", "attribute": "hair rule", "elbo": "ELBO classifier"}
+X_VARIANTS = {"cosine_gap_w2v": "in the original word2vec", "cosine_gap": "in the run's embedding, before the JL "
+              "projection", "cosine_gap_jl": "after the JL projection (what the model sees)"}
+EMBEDDING_KEYS = ("lookup_rule", "cosine_gap_w2v", "cos_woman", "cos_man", "cosine_gap", "gender_projection",
                   "cos_woman_jl", "cos_man_jl", "cosine_gap_jl", "gender_projection_jl")
-PROPORTION_COLUMNS = ("word", "seen", "guidance", "method", "base", "k", "n", "successes", "share", "ci_low",
-                      "ci_high", "n_undetermined", "mean_weight") + EMBEDDING_KEYS
-REGRESSION_COLUMNS = ("guidance", "method", "x", "n_words", "slope", "slope_ci_low", "slope_ci_high", "intercept",
-                      "r2", "r2_ci_low", "r2_ci_high", "p_value", "skipped")
-_SAMPLE_FORMAT = 1  # bump when the cache layout changes
+SCENE_COLUMNS = tuple(f"scene_{s}" for s in SCENES + ("unclear",))
+PROPORTION_COLUMNS = ("word", "seen", "guidance", "method", "call", "base", "k", "n", "successes", "share", "ci_low",
+                      "ci_high", "n_undetermined", "mean_weight", "n_seeds", "seed_sd", "seed_min", "seed_max",
+                      "homogeneity_p", "hair_called") + SCENE_COLUMNS + EMBEDDING_KEYS
+SEED_COLUMNS = ("word", "guidance", "method", "seed_index", "sampling_seed", "successes", "n", "n_undetermined",
+                "share", "ci_low", "ci_high")
+REGRESSION_COLUMNS = ("guidance", "method", "x", "n_words", "defined", "slope", "slope_ci_low", "slope_ci_high",
+                      "intercept", "r2", "r2_ci_low", "r2_ci_high", "reason")
+INSTRUMENT_COLUMNS = ("word", "guidance", "attribute", "n", "agreement", "kappa", "rule_counts", "classifier_counts")
+OUTPUT_FILES = ("report.md", "proportions.csv", "seeds.csv", "controls.csv", "controls.json", "fidelity.csv",
+                "instruments.csv", "regression.csv", "audit.json", "class_words.json")
+OUTPUT_PATTERNS = ("*.png",)
 
 
 # ----------------------------------------------------------------------------- small helpers
 def parse_list(text: str, kind: type, flag: str) -> list:
-    """Comma-separated values of ``kind``; InputError naming the flag on a bad or empty list."""
-    try:
-        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InputError(f"--{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
-    require(bool(values), f"--{flag}: the list is empty")
-    return values
+    """Distinct comma-separated values of ``kind``, in order; InputError naming the flag on an
+    empty list or item, a non-number or a non-finite number (``cli.parse_number_list``)."""
+    return list(dict.fromkeys(parse_number_list(text, flag, kind)))
 
 
-def safe_name(word: str) -> str:
-    """A file name for ``word``; a hash suffix keeps distinct words apart when characters were replaced."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", word).strip("_") or "word"
-    return cleaned if cleaned == word else f"{cleaned}-{zlib.crc32(word.encode()):08x}"
-
-
-def share_row(successes: int, n: int) -> dict[str, float]:
-    """share = successes / n with its 95% Wilson interval; NaN when n = 0 (nothing to bound)."""
-    if n == 0:
-        return {"share": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    low, high = wilson_interval(successes, n)
-    return {"share": successes / n, "ci_low": low, "ci_high": high}
-
-
-def counted_share(successes: int, n: int) -> dict[str, float]:
-    """``share_row`` with its counts, as ``fmt_share`` prints them."""
-    return {"successes": successes, "n": n, **share_row(successes, n)}
-
-
-def fmt_share(row: dict) -> str:
+def fmt_share(row: dict | None) -> str:
     if row is None:
         return "-"
     if not row["n"]:
@@ -175,6 +167,15 @@ class Timer:
         print(f"[audit] {name}: {seconds:.1f} s", flush=True)
 
 
+def clear_previous_outputs(out: Path) -> None:
+    """Remove a previous audit's outputs (not the sample cache): a folder never mixes two audits."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for pattern in OUTPUT_PATTERNS:
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- inputs
 def resolve_dataset(run_config: dict, override: str) -> Path:
     """The run's ``<root>/<size>`` dataset folder (relative paths tried from here and the repository)."""
@@ -192,18 +193,21 @@ def resolve_dataset(run_config: dict, override: str) -> Path:
 def dataset_source(dataset: Path) -> str | None:
     """``source`` in ``<dataset root>/dataset.json`` (procedural / stable-diffusion), None if unknown."""
     path = dataset.parent / "dataset.json"
-    try:
-        return json.loads(path.read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
+    if not path.exists():
         return None
+    settings = load_json(path)
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: expected a JSON object of the dataset's settings (synthetic_data.py writes it)")
+    return settings.get("source")
 
 
 def load_test_images(dataset: Path, class_words: dict, image_size: int, limit: int, out: Path
                      ) -> tuple[torch.Tensor, list[str], list[str]]:
     """The held-out test split as (N, 3, S, S) floats in [0, 1], gender labels and image ids.
 
-    Labels come from the classes' words (a class with "woman" is female, "man" male). With
-    ``limit`` > 0, images are taken round-robin over the classes (balanced), in file order.
+    Labels come from the classes' words (a class with "woman" is female, "man" male). Images
+    are ordered round-robin over the classes (balanced), in file order; with ``limit`` > 0
+    only the first ``limit`` of that order are kept.
     """
     words_path = Path(CLASS_WORDS)
     if load_class_words(words_path) != class_words:  # the run was trained with other class words
@@ -214,23 +218,15 @@ def load_test_images(dataset: Path, class_words: dict, image_size: int, limit: i
     records = list(progress_bar(source, total=len(source), desc="loading test images", leave=False))
     if not records:
         raise InputError(f"{dataset / 'test'}: no test images")
-    if limit and limit < len(records):
-        by_class: dict[str, list] = {}
-        for record in records:
-            by_class.setdefault(record[0].split("/")[0], []).append(record)
-        queues = list(by_class.values())
-        records = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)][:limit]
+    by_class: dict[str, list] = {}
+    for record in records:
+        by_class.setdefault(record[0].split("/")[0], []).append(record)
+    queues = list(by_class.values())
+    records = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
+    if limit:
+        records = records[:limit]
     ids, images, labels = zip(*records)
     return images_to_tensor(list(images)), list(labels), list(ids)
-
-
-def vocabulary_form(word: str, wv) -> str | None:
-    """``word`` as the embedding spells it: itself, else its upper-case or capitalised form
-    (word2vec is case-sensitive: "ceo" is stored as "CEO"); None when no form is present."""
-    for form in dict.fromkeys((word, word.upper(), word.capitalize(), word.title())):
-        if form in wv:
-            return form
-    return None
 
 
 def unseen_candidates(cfg: dict, seen: list[str], wv) -> dict:
@@ -259,289 +255,304 @@ def unseen_candidates(cfg: dict, seen: list[str], wv) -> dict:
     return {"usable": usable, "missing": missing, "respelled": respelled, "trained": trained, "origin": origin}
 
 
-def pick_unseen(words: list[str], gaps: dict[str, float], limit: int, how: str) -> list[str]:
-    """``limit`` words: the first ones, or ("spread") evenly spaced ranks of the cosine gap, so the
-    regression sees the whole range of embedding bias. Returned sorted by cosine gap."""
-    ordered = sorted(words, key=lambda w: (gaps[w], w))
-    if limit and len(words) > limit:
-        if how == "first":
-            chosen = set(words[:limit])
-            ordered = [w for w in ordered if w in chosen]
-        else:
-            ranks = np.unique(np.round(np.linspace(0, len(ordered) - 1, limit)).astype(int))
-            ordered = [ordered[i] for i in ranks]
-    return ordered
-
-
-# ----------------------------------------------------------------------------- sampling with a cache
-def run_fingerprint(run) -> int:
-    """CRC32 of the run's config.json: a cache made by another run (same step) is not reused,
-    while moving or copying the run folder keeps its cache valid."""
-    return zlib.crc32((run.run_dir / "config.json").read_bytes())
-
-
-def cached_samples(run, word: str, vector: torch.Tensor, guidance: float, n: int, cfg: dict, samples_dir: Path
-                   ) -> tuple[torch.Tensor, bool]:
-    """``n`` uint8 images of ``word`` at ``guidance``: read from the cache when it was made with the same
-    settings (run step, sampler, steps, N, seed), else sampled and cached. Returns (images, from_cache)."""
-    folder = samples_dir / f"g{guidance:g}"
-    array_path, meta_path = folder / f"{safe_name(word)}.npy", folder / f"{safe_name(word)}.json"
-    seed = derived_seed(cfg["seed"], "audit-sample", word, f"{guidance:g}")
-    meta = {"format": _SAMPLE_FORMAT, "word": word, "guidance": guidance, "n": n,
-            "sampler": cfg["sampler"], "steps": cfg["sample_steps"], "seed": seed, "run_step": run.step,
-            "run_config_crc32": run_fingerprint(run)}
-    if array_path.is_file() and meta_path.is_file():
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                images = np.load(array_path, allow_pickle=False)
-                if images.dtype == np.uint8 and images.shape[0] == n:
-                    return torch.from_numpy(images), True
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is simply sampled again
-    generator = torch.Generator().manual_seed(seed)
-    scheduler = sampling_scheduler(run.scheduler, cfg["sampler"], cfg["sample_steps"])
-    images = sample(run.model, vector[None].repeat(n, 1), scheduler, guidance, generator,
-                    cfg["batch_size"])
-    buffer = io.BytesIO()
-    np.save(buffer, images.numpy(), allow_pickle=False)
-    atomic_write_bytes(array_path, buffer.getvalue())
-    atomic_write_json(meta_path, meta)  # written last: the pair is valid only once both exist
-    return images, False
+def embedding_metrics(word: str, run) -> dict:
+    """The word's cosine gaps: in the original embedding (no debiasing, no projection), in the
+    run's embedding before the JL projection, and after it (the run's saved matrix)."""
+    metrics = embedding_bias(word, source=run.config["embedding"], debias=run.config["debias"],
+                             jl_matrix=run.jl_matrix)
+    metrics["lookup_rule"] = metrics.pop("rule")
+    metrics["cosine_gap_w2v"] = embedding_bias(word, source=run.config["embedding"])["cosine_gap"]
+    return metrics
 
 
 # ----------------------------------------------------------------------------- gender calls
-def attribute_calls(hair: list[str]) -> tuple[int, int, int]:
-    """(female, decided, undetermined): long hair -> female, short -> male, no hair -> undetermined."""
-    female, male = hair.count("long"), hair.count("short")
-    return female, female + male, len(hair) - female - male
-
-
-def scoredecomp_image_weights(score_model, images: torch.Tensor, base: str, k: int, seed_tag: str, cfg: dict
-                              ) -> torch.Tensor:
-    """ScoreDecomp weights (N, 2) on ("man", "woman") of uint8 images, in batches; image i's
-    noise is seeded by (seed, tag, i), so results do not depend on the batch size."""
-    weights = []
-    for start in range(0, len(images), cfg["batch_size"]):
-        batch = images[start:start + cfg["batch_size"]].float() / 255.0
-        x0 = score_model.encode(batch)
-        seeds = image_seeds(cfg["seed"], seed_tag, len(batch), start)
-        weights.append(scoredecomp_weights(score_model, x0, base, CANDIDATES, k, seeds))
-    return torch.cat(weights)
-
-
-def scoredecomp_base(word: str, cfg: dict) -> str:
-    """ScoreDecomp's base for a word's samples: --scoredecomp_base, or with "word" the word
-    itself (the control base for the candidate words, whose own score is one candidate)."""
-    if cfg["scoredecomp_base"] != "word":
-        return cfg["scoredecomp_base"]
-    return cfg["control_base"] if word in CANDIDATES else word
-
-
-def elbo_calls(score_model, images: torch.Tensor, seed: int, cfg: dict) -> tuple[int, int, float]:
-    """(female, decided, mean probability of "woman") of the ELBO classifier."""
+def elbo_calls(score_model, images: torch.Tensor, seed: int, cfg: dict) -> tuple[np.ndarray, torch.Tensor]:
+    """Per-image calls and probabilities of "man" / "woman" from the ELBO classifier."""
     probs = []
     for start in range(0, len(images), cfg["batch_size"]):
         x0 = score_model.encode(images[start:start + cfg["batch_size"]].float() / 255.0)
         probs.append(elbo_classify(score_model, x0, list(CANDIDATES), n_samples=cfg["elbo_samples"],
                                    seed=seed)["probs"])
-    return calls_from_weights(torch.cat(probs), _FEMALE)
+    probs = torch.cat(probs)
+    predicted = decide(probs).numpy()
+    return np.where(predicted < 0, UNDECIDED, np.where(predicted == 1, FEMALE, MALE)), probs
 
 
-def method_row(word: str, seen: bool, guidance: float, method: str, successes: int, n: int, undetermined: int,
-               mean_weight: float, base: str, k: int, embedding: dict) -> dict:
-    return {"word": word, "seen": seen, "guidance": guidance, "method": method, "base": base,
-            "k": k if method == "scoredecomp" else "", "n": n, "successes": successes,
-            **share_row(successes, n), "n_undetermined": undetermined, "mean_weight": mean_weight,
-            **{key: embedding.get(key, "") for key in EMBEDDING_KEYS}}
+def threshold_calls(weights: torch.Tensor, threshold: float) -> np.ndarray:
+    """The calibrated call: female when w_woman - w_man > threshold, else male."""
+    margin = (weights[:, 1] - weights[:, 0]).numpy()
+    return np.where(margin > threshold, FEMALE, MALE)
 
 
-def original_gap(word: str, source: str) -> float:
-    """cos(w, woman) - cos(w, man) in the source embedding, without debiasing or projection."""
-    return embedding_bias(word, source=source, debias=False)["cosine_gap"]
+def scene_shares(attributes: list[dict]) -> dict:
+    n = len(attributes)
+    return {f"scene_{s}": sum(a["scene"] == s for a in attributes) / n for s in SCENES + ("unclear",)}
 
 
-def embedding_metrics(word: str, run) -> dict:
-    metrics = embedding_bias(word, source=run.config["embedding"], debias=run.config["debias"],
-                             jl_matrix=run.jl_matrix)
-    metrics["lookup_rule"] = metrics.pop("rule")
-    return metrics
+# ----------------------------------------------------------------------------- control 1
+def selection_halves(image_ids: list[str]) -> np.ndarray:
+    """0 (selection) or 1 (report) per image: alternate images within each class (the folder
+    before "/"), so both halves hold every class, and so both genders, in equal numbers."""
+    seen: dict[str, int] = {}
+    halves = []
+    for image_id in image_ids:
+        cls = image_id.split("/")[0]
+        halves.append(seen.get(cls, 0) % 2)
+        seen[cls] = seen.get(cls, 0) + 1
+    return np.array(halves, dtype=int)
 
 
-# ----------------------------------------------------------------------------- controls
-def accuracy_control(score_model, cfg: dict, dataset: Path, k_list: list[int], out: Path) -> tuple[list[dict], dict]:
-    """Control 1, cached in controls.json (reused when the run step and settings match)."""
+def accuracy_control(score_model, cfg: dict, dataset: Path, k_list: list[int], out: Path) -> dict:
+    """ScoreDecomp on the held-out test images at every k, split into selection and report halves.
+
+    The halves alternate within each class (``selection_halves``). k is the best
+    accuracy on the selection half (ties to the smaller k) unless --k sets it; the
+    calibrated threshold is chosen on the selection half at that k (``calibrated_threshold``).
+    Every reported accuracy is also given on the report half. Cached in controls.json
+    (reused when the run and the settings match).
+    """
     run = score_model.run
     meta = {"run_step": run.step, "run_config_crc32": run_fingerprint(run), "k_list": k_list,
             "test_limit": cfg["test_limit"], "seed": cfg["seed"], "base": cfg["control_base"],
-            "dataset": str(dataset.resolve()), "candidates": list(CANDIDATES)}
+            "dataset": str(dataset.resolve()), "candidates": list(CANDIDATES),
+            "num_inference_steps": cfg["num_inference_steps"], "noise_key": "image id", "format": 2}
     cache = out / "controls.json"
+    saved = None
     if cache.is_file():
         try:
             saved = json.loads(cache.read_text())
-            if saved.get("meta") == meta:
-                print("[audit] accuracy control: reusing controls.json", flush=True)
-                return saved["rows"], saved["info"]
-        except (OSError, ValueError, KeyError):
-            pass
-    images, labels, _ = load_test_images(dataset, run.config["class_words"], score_model.image_size,
-                                         cfg["test_limit"], out)
-    rows = gender_accuracy_by_k(score_model, images, labels, k_list, base=cfg["control_base"],
-                                candidates=CANDIDATES, candidate_labels=CANDIDATE_LABELS, seed=cfg["seed"],
-                                batch_size=cfg["batch_size"])
+            saved = saved if saved.get("meta") == meta else None
+        except (OSError, ValueError):
+            saved = None
+    if saved is None:
+        images, labels, ids = load_test_images(dataset, run.config["class_words"], score_model.image_size,
+                                               cfg["test_limit"], out)
+        by_k = scores_by_k(score_model, images, ids, k_list, cfg["control_base"], list(CANDIDATES), cfg["seed"],
+                           cfg["batch_size"])
+        saved = {"meta": meta, "labels": labels, "ids": ids,
+                 "scores": {str(k): scores.tolist() for k, scores in by_k.items()}}
+        atomic_write_json(cache, saved)
+    labels = saved["labels"]
+    truth = np.array([CANDIDATE_LABELS.index(label) for label in labels])
+    half = selection_halves(saved["ids"])
+    rows = []
+    for k in k_list:
+        scores = torch.tensor(saved["scores"][str(k)], dtype=torch.float64)
+        called = decide(scores).numpy()
+        margin = (scores[:, 1] - scores[:, 0]).numpy()
+        row = {"k": k, "t": score_model.timestep_for_k(k)}
+        for name, part in (("selection", half == 0), ("report", half == 1)):
+            n, correct = int(part.sum()), int((called[part] == truth[part]).sum())
+            low, high = wilson_interval(correct, n) if n else (math.nan, math.nan)
+            auc = binary_auc(margin[part], truth[part] == 1) if n else None
+            row.update({f"{name}_n": n, f"{name}_correct": correct, f"{name}_accuracy": correct / n if n else math.nan,
+                        f"{name}_ci_low": low, f"{name}_ci_high": high,
+                        f"{name}_auc": math.nan if auc is None else auc})
+        rows.append(row)
+    k = cfg["k"] or choose_k([{"k": r["k"], "accuracy": r["selection_accuracy"]} for r in rows])
+    if k not in saved["scores"] and str(k) not in saved["scores"]:
+        raise InputError(f"--k {k} is not in --k_list {','.join(map(str, k_list))}: its accuracy could not be measured")
+    scores = torch.tensor(saved["scores"][str(k)], dtype=torch.float64)
+    margin = (scores[:, 1] - scores[:, 0]).numpy()
+    threshold = calibrated_threshold(margin[half == 0], truth[half == 0] == 1)
+    report = half == 1
+    calibrated_correct = int(((margin[report] > threshold).astype(int) == truth[report]).sum())
+    low, high = wilson_interval(calibrated_correct, int(report.sum()))
+    chosen = next(r for r in rows if r["k"] == k)
     info = {"n_images": len(labels), "n_female": labels.count("female"), "n_male": labels.count("male"),
-            "test_folder": str(dataset / "test")}
-    atomic_write_json(cache, {"meta": meta, "rows": rows, "info": info})
-    return rows, info
+            "test_folder": str(dataset / "test"), "k": k, "threshold": threshold,
+            "k_origin": "set by --k" if cfg["k"] else "best accuracy on the selection half",
+            "accuracy": chosen["report_accuracy"], "ci_low": chosen["report_ci_low"],
+            "ci_high": chosen["report_ci_high"], "auc": chosen["report_auc"],
+            "calibrated_accuracy": calibrated_correct / int(report.sum()), "calibrated_ci_low": low,
+            "calibrated_ci_high": high}
+    return {"rows": rows, "info": info}
+
+
+# ----------------------------------------------------------------------------- instruments
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Cohen's kappa (1960): (p_o - p_e) / (1 - p_e), p_o the observed agreement and p_e the
+    agreement expected from the two raters' marginal frequencies; NaN when p_e = 1."""
+    n = len(a)
+    categories = sorted(set(a) | set(b))
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    p_e = sum((a.count(c) / n) * (b.count(c) / n) for c in categories)
+    return (p_o - p_e) / (1 - p_e) if p_e < 1 else math.nan
+
+
+def instrument_rows(word: str, guidance: float, rule: list[dict], classifier: list[dict]) -> list[dict]:
+    rows = []
+    for attribute in ("hair", "scene"):
+        a, b = [r[attribute] for r in rule], [c[attribute] for c in classifier]
+        counts = lambda values: ";".join(f"{v}:{values.count(v)}" for v in sorted(set(values)))  # noqa: E731
+        rows.append({"word": word, "guidance": guidance, "attribute": attribute, "n": len(a),
+                     "agreement": sum(x == y for x, y in zip(a, b)) / len(a), "kappa": cohen_kappa(a, b),
+                     "rule_counts": counts(a), "classifier_counts": counts(b)})
+    return rows
 
 
 # ----------------------------------------------------------------------------- report
-def regression_fits(rows: list[dict], guidances: list[float], methods: list[str], cfg: dict, out: Path
-                    ) -> list[dict]:
-    """Share female on embedding bias over the unseen words, per guidance, method and x variant."""
+def regression_fits(rows: list[dict], guidances: list[float], methods: list[str], cfg: dict, out: Path) -> list[dict]:
+    """Female share on each measure of embedding bias over the unseen words, per scale and method."""
     fits = []
     for guidance in guidances:
         for method in methods:
             points = [r for r in rows if not r["seen"] and r["guidance"] == guidance and r["method"] == method
                       and r["n"] > 0]
             for x_key, x_text in X_VARIANTS.items():
-                entry = {"guidance": guidance, "method": method, "x": x_key, "n_words": len(points)}
-                if len(points) >= 3 and len({r["share"] for r in points}) == 1:
-                    entry["skipped"] = f"every word has the same share ({points[0]['share']:.2f}); nothing to fit"
-                    fits.append(entry)
-                    continue
-                try:
-                    fit = linear_fit_with_bootstrap([r[x_key] for r in points], [r["share"] for r in points],
-                                                    n_boot=cfg["n_boot"], seed=cfg["seed"])
-                except ValueError as error:
-                    entry["skipped"] = str(error)
-                    fits.append(entry)
-                    continue
-                plot = f"regression_g{guidance:g}_{method}_{x_key}.png"
-                plot_regression([r[x_key] for r in points], [r["share"] for r in points],
-                                [r["word"] for r in points], fit, out / plot,
-                                xlabel=f"cos(w, woman) - cos(w, man), {x_text}",
-                                ylabel=f"female share ({METHOD_NAMES[method]})",
-                                title=f"{METHOD_NAMES[method]}, guidance {guidance:g}, {len(points)} unseen words")
-                entry.update({key: fit[key] for key in ("slope", "intercept", "r2", "p_value", "slope_ci", "r2_ci")})
-                entry.update(slope_ci_low=fit["slope_ci"][0], slope_ci_high=fit["slope_ci"][1],
-                             r2_ci_low=fit["r2_ci"][0], r2_ci_high=fit["r2_ci"][1])
-                entry["plot"] = plot
+                x = np.array([r[x_key] for r in points], dtype=np.float64)
+                y = np.array([r["share"] for r in points], dtype=np.float64)
+                fit = hierarchical_regression([(x, y)], n_boot=cfg["n_boot"], seed=cfg["seed"])
+                entry = {"guidance": guidance, "method": method, "x": x_key, "n_words": len(points),
+                         "defined": fit["defined"], "reason": fit["reason"], "slope": fit["slope"],
+                         "intercept": fit["intercept"], "r2": fit["r2"], "slope_ci_low": fit["slope_ci"][0],
+                         "slope_ci_high": fit["slope_ci"][1], "r2_ci_low": fit["r2_ci"][0],
+                         "r2_ci_high": fit["r2_ci"][1]}
+                if fit["defined"]:
+                    plot = f"regression_g{guidance:g}_{method}_{x_key}.png"
+                    plot_regression(x, y, [r["word"] for r in points], fit, out / plot,
+                                    xlabel=f"cos(w, woman) - cos(w, man), {x_text}",
+                                    ylabel=f"female share ({METHOD_NAMES[method]})",
+                                    title=f"{METHOD_NAMES[method]}, guidance {guidance:g}, {len(points)} unseen words")
+                    entry["plot"] = plot
                 fits.append(entry)
     return fits
 
 
-def _fmt_ci(pair) -> str:
-    return f"[{pair[0]:.3g}, {pair[1]:.3g}]"
+def _ci(low: float, high: float, spec: str = ".3g") -> str:
+    return f"[{low:{spec}}, {high:{spec}}]"
 
 
 def write_report(out: Path, ctx: dict) -> None:
     cfg, run = ctx["cfg"], ctx["run"]
     rows, fits, guidances, methods = ctx["rows"], ctx["fits"], ctx["guidances"], ctx["methods"]
     by_key = {(r["word"], r["guidance"], r["method"]): r for r in rows}
+    info = ctx["control"]["info"]
+    n_seen = cfg["n_seeds"] * cfg["n_per_seed"]
     lines = [f"# Bias audit of `{run.run_dir}`", ""]
     lines += [
         "The model was trained on gender-balanced images, each image with the words of its class "
         f"({', '.join(run.words)}), through a word embedding that may itself be gender-biased. This audit "
-        "asks whether the embedding's bias reaches the images: for every word it draws "
-        f"{cfg['n_per_word']} images ({max(cfg['n_control'], cfg['n_per_word'])} for the training words) and counts how many show a woman (female-presenting: long hair in "
-        "these portraits) or a man (male-presenting: short hair). The gender of an image is called by the "
-        "**attribute rule** (hair length measured from the pixels; exact for the procedural portraits), by "
-        "**ScoreDecomp** (the model's own view: the weights w of eps(x_t, base) ~ w_man eps(x_t, man) + "
-        "w_woman eps(x_t, woman), w >= 0, sum 1, at the image's noised version x_t; the image counts as female "
-        "when w_woman > w_man)"
-        + (", and by the **ELBO classifier** (which candidate word denoises the image better)" if ctx["elbo"] else "")
+        f"asks whether the embedding's bias reaches the images: it draws {n_seen} images per training word "
+        f"({cfg['n_seeds']} sampling seeds x {cfg['n_per_seed']}) and {cfg['n_per_word']} per unseen word at each "
+        "guidance scale, and counts how many show a woman (female-presenting: long hair in these portraits) or a "
+        "man (short hair). The gender of an image is called by the **hair rule** (hair length measured from the "
+        "pixels; exact on the renders; blurred or hybrid samples are \"unclear\" and left out of the share), by "
+        "**ScoreDecomp** (the model's own view: the weights w of eps(x_t, base) ~ w_man eps(x_t, man) + w_woman "
+        "eps(x_t, woman), w >= 0, sum 1, at the image's noised version x_t"
+        + ("; the call is calibrated: female when w_woman - w_man exceeds a threshold chosen on held-out labelled "
+           "images" if cfg["call"] == "calibrated" else "; female when w_woman > w_man") + ")"
+        + (", and by the **ELBO classifier**" if ctx["elbo"] else "")
         + ". Every share comes with its 95% Wilson interval. The controls come first: a metric that fails "
         "them is wrong, and unseen-word results of a model that fails them must not be trusted.", ""]
-    if ctx["verdicts"]:
-        lines += ["**Controls: " + ("all passed.**" if not ctx["failed"] else
-                                    "FAILED: " + "; ".join(ctx["failed"]) + ". Treat the results below with "
-                                    "suspicion.**"), ""]
+    lines += ["**Controls: " + ("all passed.**" if not ctx["failed"] else
+                                "FAILED: " + "; ".join(ctx["failed"]) + ". Treat the results below with "
+                                "suspicion.**"), ""]
     lines += ["## Setup", "", "| setting | value |", "|---|---|"]
     setup = [
         ("run", f"`{run.run_dir}`, training step {run.step}"),
-        ("embedding", f"{run.config['embedding']}, hard-debiased: {run.config['debias']}, JL seed "
+        ("embedding", f"{run.config['embedding']}, debias: {run.config['debias']}, JL seed "
                       f"{run.config['jl_seed']} ({run.jl_matrix.shape[0]} -> {run.jl_matrix.shape[1]} dims)"),
         ("dataset", f"`{ctx['dataset']}` (source: {ctx['source'] or 'unknown'})"),
         ("sampler", f"{cfg['sampler']}, {cfg['sample_steps']} steps, guidance scales "
-                    f"{', '.join(f'{g:g}' for g in guidances)}, {cfg['n_per_word']} images per word and scale "
-                    f"({max(cfg['n_control'], cfg['n_per_word'])} per training word)"),
-        ("ScoreDecomp", f"k = {ctx['k']} (timestep t = {ctx['t']}; {ctx['k_origin']}), candidates "
-                        f"{' / '.join(CANDIDATES)}, base = " + (
-                            f"the word itself (\"{cfg['control_base']}\" for the candidate words)"
-                            if cfg["scoredecomp_base"] == "word" else f"\"{cfg['scoredecomp_base']}\" for every "
-                            "word (its training data is the mixture of the candidates', so the weights are the "
-                            "image's gender posterior)") + ", one noise draw per image"),
-        ("ELBO classifier",
-         f"{cfg['elbo_samples']} timesteps per image" if ctx["elbo"] else "off (turn on with --elbo true)"),
-        ("seeds", f"base seed {cfg['seed']}; per (word, scale) sampling seed and per-image noise seeds derived "
-                  f"from it (diffusion_from_scratch.utils.derived_seed); bootstrap seed {cfg['seed']}, "
-                  f"{cfg['n_boot']} resamples"),
+                    f"{', '.join(f'{g:g}' for g in guidances)}"),
+        ("ScoreDecomp", f"k = {ctx['k']} (timestep t = {ctx['t']}; {info['k_origin']}; {cfg['num_inference_steps']} "
+                        f"inference steps), candidates {' / '.join(CANDIDATES)}, base = "
+                        + (f"the word itself (\"{cfg['control_base']}\" for the candidate words)"
+                           if cfg["scoredecomp_base"] == "word" else f"\"{cfg['scoredecomp_base']}\" for every word")
+                        + f", call: {cfg['call']}"
+                        + (f" (threshold {info['threshold']:+.4f})" if cfg["call"] == "calibrated" else "")),
+        ("ELBO classifier", f"{cfg['elbo_samples']} timesteps per image" if ctx["elbo"] else "off"),
+        ("seeds", f"base seed {cfg['seed']}; sampling seeds and per-image noise keys derived from it "
+                  f"(diffusion_from_scratch.utils.derived_seed); bootstrap seed {cfg['seed']}, {cfg['n_boot']} "
+                  f"resamples"),
         ("device", str(ctx["device"])),
-        ("samples", f"{ctx['sampled']} (word, scale) sets sampled now, {ctx['cached']} read from the cache"),
+        ("samples", f"{ctx['sampled']} sample sets sampled now, {ctx['cached']} read from the cache"),
         ("time per stage", ", ".join(f"{name} {sec:.0f} s" for name, sec in ctx["timer"].stages.items())),
     ]
     lines += [f"| {k} | {v} |" for k, v in setup] + [""]
 
-    # ---- controls
     lines += ["## Controls", "", "### 1. ScoreDecomp gender accuracy on held-out labelled images", ""]
-    info = ctx["control_info"]
     lines += [f"{info['n_images']} test images of `{info['test_folder']}` ({info['n_female']} female, "
-              f"{info['n_male']} male; labels from the class words). Base \"{cfg['control_base']}\", "
-              f"candidates \"man\" / \"woman\"; the prediction is the candidate with the larger weight. "
-              f"k counts timesteps from the clean end (t = timesteps[-k]); every k uses the same noise per image.",
-              "", "| k | t | accuracy [95% CI] | correct / n | mean weight on the true word |", "|---|---|---|---|---|"]
-    for r in ctx["control_rows"]:
+              f"{info['n_male']} male; labels from the class words), split alternately into a selection half (k is "
+              f"chosen there) and a report half (the accuracy reported for that k). Base \"{cfg['control_base']}\", "
+              "candidates \"man\" / \"woman\"; every k uses the same noise per image (keyed by the image id). AUC: "
+              "how well w_woman - w_man separates the genders whatever the threshold.", "",
+              "| k | t | selection: accuracy (AUC) | report: accuracy [95% CI] | report: AUC |", "|---|---|---|---|---|"]
+    for r in ctx["control"]["rows"]:
         mark = " **(used)**" if r["k"] == ctx["k"] else ""
-        lines.append(f"| {r['k']}{mark} | {r['t']} | {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
-                     f"{r['correct']} / {r['n']} | {r['mean_weight_true']:.3f} |")
-    lines += ["", ctx["verdicts"].get("accuracy", "")
-              + (" The best k was picked on these same images, so its accuracy is slightly optimistic."
-                 if ctx["k_origin"] != "set by --k" and len(ctx["control_rows"]) > 1 else ""),
-              "", "![accuracy by k](controls.png)", ""]
-    lines += ["### 2. Does the model obey its conditioning? (training words, attribute rules)", ""]
+        lines.append(f"| {r['k']}{mark} | {r['t']} | {r['selection_accuracy']:.3f} ({r['selection_auc']:.3f}) | "
+                     f"{r['report_accuracy']:.3f} {_ci(r['report_ci_low'], r['report_ci_high'])} | "
+                     f"{r['report_auc']:.3f} |")
+    lines += ["", ctx["verdicts"]["accuracy"], "",
+              f"Calibrated call at k = {ctx['k']}: threshold {info['threshold']:+.4f} on w_woman - w_man (chosen on "
+              f"the selection half), accuracy {info['calibrated_accuracy']:.3f} "
+              f"{_ci(info['calibrated_ci_low'], info['calibrated_ci_high'])} on the report half.", "",
+              "![accuracy by k](controls.png)", ""]
+    lines += ["### 2. Does the model obey its conditioning? (training words, attribute rules, the audit's sampler)", ""]
     if ctx["fidelity_rows"]:
-        lines += ["Hair and scene of the samples of each training word, measured by the attribute rules, against "
-                  "what the training data teaches the word (expected) and the acceptance bar (guidance 1; "
-                  "diffusion_from_scratch/fidelity.py).", "", format_table(ctx["fidelity_rows"]), "",
-                  ctx["verdicts"].get("fidelity", ""), ""]
+        lines += [f"Hair and scene of each training word's {n_seen} samples per scale, measured by the attribute "
+                  "rules, against what the training data teaches the word and the acceptance bar at guidance 1 "
+                  "(diffusion_from_scratch/fidelity.py). Hair called = long or short (not none, not unclear); "
+                  "scene shares are over all images, so unclear scenes count against the bar.", "",
+                  format_table(ctx["fidelity_rows"]), "", ctx["verdicts"].get("fidelity", ""), ""]
     else:
         lines += [ctx["attribute_note"], ""]
-    lines += [f"### 3. ScoreDecomp against the attribute rule on the training words (tolerance "
-              f"{cfg['agreement_tolerance']:.0%})", "",
-              "Both methods on the same images: the samples in which the attribute rule detects hair.", ""]
+    lines += [f"### 3. Instruments: ScoreDecomp against the hair rule (tolerance {cfg['agreement_tolerance']:.0%}), "
+              "and the rules against a second instrument", ""]
     if ctx["agreement"]:
-        lines += ["| word | guidance | attribute rule | ScoreDecomp | difference | agree |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["Both methods on the same images: the samples the hair rule calls long or short.", "",
+                  "| word | guidance | hair rule | ScoreDecomp | difference | agree |", "|---|---|---|---|---|---|"]
         for a in ctx["agreement"]:
-            compared = a["difference"] == a["difference"]  # NaN when a method decided no image
+            compared = not math.isnan(a["difference"])
             difference = f"{a['difference']:+.2f}" if compared else "n/a"
             agree = "yes" if a["agree"] else ("**NO**" if compared else "**NO** (nothing to compare)")
             lines.append(f"| {a['word']} | {a['guidance']:g} | {fmt_share(a['attribute'])} | "
                          f"{fmt_share(a['scoredecomp'])} | {difference} | {agree} |")
         lines += ["", ctx["verdicts"].get("agreement", ""), ""]
-    else:
+    if ctx["instrument"]:
+        lines += ["The attribute rules against a small CNN trained on the renders' ground truth (test-render "
+                  f"accuracy: hair {ctx['instrument_info']['test_accuracy_hair']:.3f}, scene "
+                  f"{ctx['instrument_info']['test_accuracy_scene']:.3f}; unclear below probability "
+                  f"{ctx['instrument_info']['confident']:g}): share of images on which both give the same call "
+                  "(including unclear), and Cohen's kappa.", "",
+                  "| word | guidance | attribute | agreement | kappa | rule | classifier |", "|---|---|---|---|---|---|---|"]
+        for r in ctx["instrument"]:
+            lines.append(f"| {r['word']} | {r['guidance']:g} | {r['attribute']} | {r['agreement']:.2f} | "
+                         f"{r['kappa']:.2f} | {r['rule_counts']} | {r['classifier_counts']} |")
+        lines += ["", "Images on which the rule and the classifier disagree (each row: a word and scale; caption in "
+                  "instruments.csv):", "", "![disagreements](instrument_disagreements.png)", ""]
+    elif ctx["attribute_note"]:
         lines += [ctx["attribute_note"], ""]
 
-    # ---- seen and unseen words
     def share_table(words: list[str], guidance: float) -> list[str]:
-        header = "| word | cos gap (before JL) | cos gap (after JL) | " + " | ".join(
+        header = "| word | gap word2vec | gap before JL | gap after JL | " + " | ".join(
             f"{METHOD_NAMES[m]}: female share [95% CI] (female/n)" for m in methods) + " |"
-        table = [header, "|" + "---|" * (3 + len(methods))]
+        table = [header, "|" + "---|" * (4 + len(methods))]
         for word in words:
             e = ctx["embedding"][word]
             cells = [fmt_share(by_key.get((word, guidance, m))) for m in methods]
-            table.append(f"| {word} | {e['cosine_gap']:+.3f} | {e['cosine_gap_jl']:+.3f} | " + " | ".join(cells) + " |")
+            table.append(f"| {word} | {e['cosine_gap_w2v']:+.3f} | {e['cosine_gap']:+.3f} | {e['cosine_gap_jl']:+.3f} | "
+                         + " | ".join(cells) + " |")
         return table
 
     lines += ["## Seen words", "", "The training words; each was trained on the images of every class listing "
               "it (data/class_words.json), so \"person\", \"nurse\" and \"philosopher\" saw equal numbers of "
-              "men and women. Cosine gap = cos(w, woman) - cos(w, man) (> 0: nearer \"woman\").", ""]
+              f"men and women. Shares pooled over {cfg['n_seeds']} sampling seeds; seed-to-seed spread in "
+              "seeds.csv and below. Cosine gap = cos(w, woman) - cos(w, man) (> 0: nearer \"woman\").", ""]
     for guidance in guidances:
         lines += [f"Guidance {guidance:g}:", ""] + share_table(run.words, guidance) + [""]
-    lines += ["## Unseen words", ""]
+    lines += ["Seed-to-seed spread (female share per seed; p of the chi-square test that the seeds agree):", "",
+              "| word | guidance | method | per seed | sd | p |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["seen"] and r["n_seeds"]:
+            per_seed = ", ".join(f"{s['share']:.2f}" for s in ctx["seed_rows"] if (s["word"], s["guidance"],
+                                 s["method"]) == (r["word"], r["guidance"], r["method"]) and s["n"])
+            lines.append(f"| {r['word']} | {r['guidance']:g} | {METHOD_NAMES[r['method']]} | {per_seed} | "
+                         f"{r['seed_sd']:.3f} | {r['homogeneity_p']:.3g} |")
+    lines += ["", "## Unseen words", ""]
     how = ("at evenly spaced ranks of the cosine gap in the original embedding, so every arm and JL seed audits "
-           "the same words"
-           if cfg["unseen_pick"] == "spread" else "in file order")
+           "the same words" if cfg["unseen_pick"] == "spread" else "in file order")
     chosen = (f" (--max_unseen {cfg['max_unseen']} of {ctx['n_usable']} usable words, chosen {how})"
               if ctx["n_usable"] > len(ctx["unseen"]) else "")
     lines += [f"Words from {ctx['origin']}: {len(ctx['unseen'])} audited{chosen}.", ""]
@@ -553,35 +564,28 @@ def write_report(out: Path, ctx: dict) -> None:
                   + ", ".join(f"{a} -> {b}" for a, b in ctx["respelled"].items()) + ".", ""]
     if ctx["trained"]:
         lines += ["Listed but trained on, so reported under Seen words: " + ", ".join(ctx["trained"]) + ".", ""]
-    if ctx["unseen"]:
-        for guidance in guidances:
+    for guidance in guidances:
+        if ctx["unseen"]:
             lines += [f"Guidance {guidance:g}:", ""] + share_table(ctx["unseen"], guidance) + [""]
-            for plot in ctx["bar_plots"].get(guidance, []):
-                lines += [f"![female share, guidance {guidance:g}]({plot})", ""]
-    else:
-        lines += ["No unseen word to audit.", ""]
+        for plot in ctx["bar_plots"].get(guidance, []):
+            lines += [f"![female share, guidance {guidance:g}]({plot})", ""]
     lines += ["Sample grids (first images of each word, one row per word):", ""]
     lines += [f"![samples, guidance {g:g}](samples_g{g:g}.png)" for g in guidances] + [""]
-
-    # ---- regression
-    lines += ["## Regression", "", "Least-squares line of each unseen word's female share on its embedding bias "
-              "(cosine gap before and after the run's JL projection), per method and guidance scale; "
-              f"95% intervals from {cfg['n_boot']} pairs-bootstrap resamples of the words. A positive slope means "
-              "words nearer \"woman\" in the embedding give more female-presenting images.", ""]
-    lines += ["| guidance | method | x | words | slope [95% CI] | R^2 [95% CI] | p (slope = 0) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Regression", "", "Least-squares line of each unseen word's female share on its embedding bias, "
+              f"per method and guidance scale; 95% intervals from {cfg['n_boot']} pairs-bootstrap resamples of the "
+              "words. A regressor without spread (e.g. a gap that hard-debiasing set to 0) has no slope: undefined.",
+              "", "| guidance | method | x | words | slope [95% CI] | R^2 [95% CI] |", "|---|---|---|---|---|---|"]
     for f in fits:
-        if "skipped" in f:
-            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {f['x']} | {f['n_words']} | "
-                         f"skipped: {f['skipped']} | | |")
+        if f["defined"]:
+            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']]} | {f['n_words']} | "
+                         f"{f['slope']:.3g} {_ci(f['slope_ci_low'], f['slope_ci_high'])} | {f['r2']:.3f} "
+                         f"{_ci(f['r2_ci_low'], f['r2_ci_high'], '.3f')} |")
         else:
-            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {f['x']} | {f['n_words']} | "
-                         f"{f['slope']:.3g} {_fmt_ci(f['slope_ci'])} | {f['r2']:.3f} {_fmt_ci(f['r2_ci'])} | "
-                         f"{f['p_value']:.3g} |")
+            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']]} | {f['n_words']} | "
+                         f"undefined: {f['reason']} | |")
     lines += [""] + [f"![{f['method']} {f['x']} guidance {f['guidance']:g}]({f['plot']})" for f in fits if "plot" in f]
-    lines += ["", "## Files", "", "proportions.csv (one row per word, guidance and method), controls.csv, "
-              "fidelity.csv, regression.csv, audit.json (settings and summary), samples/ (cached images, "
-              "reused by a rerun with the same settings).", ""]
+    lines += ["", "## Files", "", "proportions.csv, seeds.csv, controls.csv, fidelity.csv, instruments.csv, "
+              "regression.csv, audit.json, samples/ (cached images, reused by a rerun with the same settings).", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 
@@ -591,35 +595,23 @@ def main(argv: list[str] | None = None) -> dict:
                                 description=__doc__.splitlines()[0])
     k_list = parse_list(cfg["k_list"], int, "k_list")
     guidances = parse_list(cfg["guidance"], float, "guidance")
-    require(cfg["n_per_word"] > 0, f"--n_per_word: must be positive, got {cfg['n_per_word']}")
-    require(cfg["n_control"] >= 0, f"--n_control: must be >= 0, got {cfg['n_control']}")
-    require(cfg["k"] >= 0, f"--k: must be >= 0 (0 = choose from the control), got {cfg['k']}")
-    require(cfg["max_unseen"] >= 0, f"--max_unseen: must be >= 0 (0 = all), got {cfg['max_unseen']}")
-    require(cfg["test_limit"] >= 0, f"--test_limit: must be >= 0 (0 = all), got {cfg['test_limit']}")
-    require(cfg["batch_size"] > 0, f"--batch_size: must be positive, got {cfg['batch_size']}")
-    require(cfg["elbo_samples"] > 0, f"--elbo_samples: must be positive, got {cfg['elbo_samples']}")
-    require(cfg["n_boot"] > 0, f"--n_boot: must be positive, got {cfg['n_boot']}")
-    require(0 < cfg["agreement_tolerance"] < 1, f"--agreement_tolerance: need 0 < tolerance < 1, got "
-                                                f"{cfg['agreement_tolerance']}")
-    require(all(g > 0 for g in guidances), f"--guidance: scales must be positive, got {cfg['guidance']!r}")
-    require(cfg["num_threads"] >= 0, f"--num_threads: must be >= 0, got {cfg['num_threads']}")
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
     timer = Timer()
 
     device = resolve_device(cfg["device"])
     with timer("loading the run"):
-        score_model = PixelScoreModel(cfg["run"], device)
+        score_model = PixelScoreModel(cfg["run"], device, num_inference_steps=cfg["num_inference_steps"])
         run = score_model.run
-    table_size = len(score_model.timesteps)
-    for flag, values in (("k_list", k_list), ("k", [cfg["k"]] if cfg["k"] else [])):
-        bad = [k for k in values if not 1 <= k <= table_size]
-        if bad:
-            raise InputError(f"--{flag}: k={bad[0]} is outside the timestep table: expected 1 <= k <= {table_size}")
+    for flag, ks in (("k_list", k_list), ("k", [cfg["k"]] if cfg["k"] else [])):
+        for k in ks:
+            try:
+                score_model.timestep_for_k(k)  # a k outside the table stops here, before any work
+            except InputError as error:
+                raise InputError(f"--{flag}: {error}") from None
     require(1 <= cfg["sample_steps"] <= run.config["num_train_timesteps"],
             f"--sample_steps: need 1..{run.config['num_train_timesteps']}, got {cfg['sample_steps']}")
-    out = Path(cfg["out"] or run.run_dir / "audit")
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(cfg["out"] or run.run_dir / "audit"), "out")
     dataset = resolve_dataset(run.config, cfg["dataset_path"])
     source = dataset_source(dataset)
     procedural = source == "procedural"
@@ -636,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
         usable, missing, trained, origin = (listing[key] for key in ("usable", "missing", "trained", "origin"))
         # Words are ranked by the gap in the original (not debiased) embedding, which no JL seed
         # changes, so every arm and seed of an experiment audits the same words.
-        ranking = {w: original_gap(w, run.config["embedding"]) for w in usable}
+        ranking = {w: embedding_bias(w, source=run.config["embedding"])["cosine_gap"] for w in usable}
         unseen = pick_unseen(usable, ranking, 0 if cfg["words"] else cfg["max_unseen"], cfg["unseen_pick"])
         embedding = {w: embedding_metrics(w, run) for w in seen + unseen}
         if cfg["scoredecomp_base"] != "word":
@@ -644,105 +636,157 @@ def main(argv: list[str] | None = None) -> dict:
                 run.word_vectors([cfg["scoredecomp_base"]])
             except InputError as error:
                 raise InputError(f"--scoredecomp_base: {error}") from None
+    n_images = len(guidances) * (len(seen) * cfg["n_seeds"] * cfg["n_per_seed"] + len(unseen) * cfg["n_per_word"])
+    image_bytes = n_images * 3 * score_model.image_size ** 2
+    what = (f"--n_seeds / --n_per_seed / --n_per_word ({n_images:,} images of {score_model.image_size} px, all kept "
+            f"in memory and cached in {out / 'samples'})")
+    require_memory(image_bytes, what)
+    require_disk(out, image_bytes, what)
     if missing:
         print(f"[audit] skipped (not in the embedding): {', '.join(missing)}", file=sys.stderr)
+    classifier = None
+    if procedural and cfg["instrument"]:
+        with timer("second instrument: attribute classifier"):
+            from diffusion_from_scratch.attribute_classifier import load_or_train
+
+            classifier = load_or_train(dataset, run.model.config.image_size)
+    clear_previous_outputs(out)
 
     with timer("control 1: ScoreDecomp accuracy on test images"):
-        control_rows, control_info = accuracy_control(score_model, cfg, dataset, k_list, out)
-    k = cfg["k"] or choose_k(control_rows)
-    k_origin = "set by --k" if cfg["k"] else f"best accuracy of --k_list {','.join(map(str, k_list))}"
-    atomic_write_text(out / "controls.csv", compact_csv_text(
-        [r | {"chosen": r["k"] == k} for r in control_rows],
-        ("k", "t", "n", "correct", "accuracy", "ci_low", "ci_high", "mean_weight_true", "chosen")))
-    plot_proportions([{"label": f"k={r['k']}", "share": r["accuracy"], "low": r["ci_low"], "high": r["ci_high"]}
-                      for r in control_rows], out / "controls.png",
-                     xlabel="ScoreDecomp k (timesteps from the clean end)",
-                     ylabel="gender accuracy", title=f"ScoreDecomp accuracy on {control_info['n_images']} test images")
+        control = accuracy_control(score_model, cfg, dataset, k_list, out)
+    k, threshold = control["info"]["k"], control["info"]["threshold"]
+    atomic_write_text(out / "controls.csv", compact_csv_text([r | {"chosen": r["k"] == k} for r in control["rows"]],
+                                                             list(control["rows"][0]) + ["chosen"]))
+    plot_proportions([{"label": f"k={r['k']}", "share": r["report_accuracy"], "low": r["report_ci_low"],
+                       "high": r["report_ci_high"]} for r in control["rows"]], out / "controls.png",
+                     xlabel="ScoreDecomp k (timesteps from the clean end)", ylabel="gender accuracy (report half)",
+                     title=f"ScoreDecomp accuracy on {control['info']['n_images'] // 2} held-out test images")
 
     words = seen + unseen
     vectors = dict(zip(words, run.word_vectors(words)))
-    rows: list[dict] = []
-    grids: dict[float, list[torch.Tensor]] = {g: [] for g in guidances}
-    fidelity_rows: list[dict] = []
     expected = expected_shares(run.config["class_words"], load_prompts()) if procedural else {}
+    rows, seed_rows, fidelity_rows, instrument, agreement = [], [], [], [], []
+    grids: dict[float, list[torch.Tensor]] = {g: [] for g in guidances}
+    disagreements: list[tuple[str, torch.Tensor]] = []
     counts = {"sampled": 0, "cached": 0}
-    pairs = [(g, w) for g in guidances for w in words]
-    per_image: dict[tuple[str, float], tuple[list[str], torch.Tensor]] = {}  # (hair calls, ScoreDecomp weights)
+    sets = [(g, w, s) for g in guidances for w in words for s in range(cfg["n_seeds"] if w in seen else 1)]
     with timer("sampling and calling gender"):
-        for guidance, word in progress_bar(pairs, desc="(scale, word) sample sets"):
-            is_seen = word in seen
-            n_images = max(cfg["n_control"], cfg["n_per_word"]) if is_seen else cfg["n_per_word"]
-            images, from_cache = cached_samples(run, word, vectors[word], guidance, n_images, cfg, out / "samples")
+        by_word: dict[tuple[str, float], dict] = {}
+        for guidance, word, seed_index in progress_bar(sets, desc="(scale, word, seed) sample sets"):
+            n_images = cfg["n_per_seed"] if word in seen else cfg["n_per_word"]
+            key = f"g{guidance:g}/{word}/s{seed_index}"
+            sampling_seed = derived_seed(cfg["seed"], "audit-sample", word, f"{guidance:g}", seed_index)
+            images, from_cache = cached_samples(run, key, vectors[word], guidance, n_images, sampling_seed,
+                                                cfg["sampler"], cfg["sample_steps"], cfg["batch_size"],
+                                                out / "samples")
             counts["cached" if from_cache else "sampled"] += 1
-            grids[guidance].append(images[:cfg["grid_per_word"]])
-            base = scoredecomp_base(word, cfg)
-            weights = scoredecomp_image_weights(score_model, images, base, k, f"scoredecomp/{word}/{guidance:g}", cfg)
-            female, n, weight = calls_from_weights(weights, _FEMALE)
-            rows.append(method_row(word, is_seen, guidance, "scoredecomp", female, n, len(images) - n, weight, base,
-                                   k, embedding[word]))
+            base = cfg["scoredecomp_base"] if cfg["scoredecomp_base"] != "word" else (
+                cfg["control_base"] if word in CANDIDATES else word)
+            sd_calls, weights = scoredecomp_calls(score_model, images, k, cfg["seed"], f"scoredecomp/{key}", base,
+                                                  cfg["batch_size"])
+            if cfg["call"] == "calibrated":
+                sd_calls = threshold_calls(weights, threshold)
+            entry = by_word.setdefault((word, guidance), {"images": [], "calls": {m: [] for m in methods},
+                                                          "weights": [], "attributes": [], "base": base,
+                                                          "sampling_seeds": []})
+            entry["images"].append(images)
+            entry["weights"].append(weights)
+            entry["sampling_seeds"].append(sampling_seed)
+            per_method = {"scoredecomp": sd_calls}
             if procedural:
                 attributes = measure_attributes(images)
-                hair = [a["hair"] for a in attributes]  # long: female-presenting, short: male, none
-                per_image[(word, guidance)] = (hair, weights)
-                female, n, undetermined = attribute_calls(hair)
-                rows.append(method_row(word, is_seen, guidance, "attribute", female, n, undetermined, math.nan, "",
-                                       k, embedding[word]))
-                if is_seen:
-                    fidelity_rows.append(fidelity_row(word, guidance, attributes, expected))
+                entry["attributes"] += attributes
+                per_method["attribute"] = hair_calls([a["hair"] for a in attributes])
             if cfg["elbo"]:
-                female, n, prob = elbo_calls(score_model, images, derived_seed(cfg["seed"], "elbo", word), cfg)
-                rows.append(method_row(word, is_seen, guidance, "elbo", female, n, len(images) - n, prob, "",
-                                       k, embedding[word]))
-    print(f"[audit] sample sets: {counts['sampled']} sampled, {counts['cached']} from the cache", flush=True)
-
-    with timer("tables and plots"):
-        by_key = {(r["word"], r["guidance"], r["method"]): r for r in rows}
-        agreement = []
-        if procedural:
-            for guidance in guidances:
-                for word in seen:
-                    # both methods on the same images: those the attribute rule calls (hair detected)
-                    hair, weights = per_image[(word, guidance)]
-                    called = torch.tensor([h != "none" for h in hair])
-                    a = counted_share(hair.count("long"), int(called.sum()))
-                    s = counted_share(*calls_from_weights(weights[called], _FEMALE)[:2]) if called.any() else \
-                        counted_share(0, 0)
+                per_method["elbo"] = elbo_calls(score_model, images, derived_seed(cfg["seed"], "elbo", key), cfg)[0]
+            for method, calls in per_method.items():
+                entry["calls"][method].append(calls)
+                if word in seen:
+                    seed_rows.append({"word": word, "guidance": guidance, "method": method, "seed_index": seed_index,
+                                      "sampling_seed": sampling_seed, **share_of_calls(calls)})
+        for guidance in guidances:
+            for word in words:
+                entry = by_word[(word, guidance)]
+                images = torch.cat(entry["images"])
+                weights = torch.cat(entry["weights"])
+                grids[guidance].append(images[:cfg["grid_per_word"]])
+                for method in methods:
+                    calls = np.concatenate(entry["calls"][method])
+                    pooled = share_of_calls(calls)
+                    spread = pooled_share([(s["successes"], s["n"]) for s in seed_rows
+                                           if (s["word"], s["guidance"], s["method"]) == (word, guidance, method)])
+                    row = {"word": word, "seen": word in seen, "guidance": guidance, "method": method,
+                           "call": cfg["call"] if method == "scoredecomp" else "", "base":
+                           entry["base"] if method == "scoredecomp" else "", "k": k if method == "scoredecomp" else "",
+                           **pooled, "n_undetermined": pooled["n_undecided"],
+                           "mean_weight": float(weights[:, 1].mean()) if method == "scoredecomp" else math.nan,
+                           "n_seeds": spread["n_seeds"] if word in seen else 1, "seed_sd": spread["seed_sd"],
+                           "seed_min": spread["seed_min"], "seed_max": spread["seed_max"],
+                           "homogeneity_p": spread["homogeneity_p"],
+                           **{key: embedding[word].get(key, "") for key in EMBEDDING_KEYS}}
+                    if method == "attribute":
+                        row.update(scene_shares(entry["attributes"]),
+                                   hair_called=float(np.mean([a["hair"] in ("long", "short")
+                                                              for a in entry["attributes"]])))
+                    rows.append(row)
+                if procedural and word in seen:
+                    fidelity_rows.append(fidelity_row(word, guidance, entry["attributes"], expected))
+                    hair = np.concatenate(entry["calls"]["attribute"])
+                    called = hair != UNDECIDED
+                    a = share_of_calls(hair[called])
+                    s = share_of_calls(decide(weights[torch.from_numpy(called)]).numpy()) if called.any() else \
+                        share_of_calls([])
                     difference = s["share"] - a["share"] if a["n"] and s["n"] else math.nan
                     agreement.append({"word": word, "guidance": guidance, "attribute": a, "scoredecomp": s,
                                       "difference": difference,
                                       "agree": bool(abs(difference) <= cfg["agreement_tolerance"] + 1e-12)})
+                if classifier is not None:
+                    verdicts = classifier.calls(images)
+                    instrument += instrument_rows(word, guidance, entry["attributes"], verdicts)
+                    differ = [i for i, (r, c) in enumerate(zip(entry["attributes"], verdicts)) if r != c]
+                    if differ:
+                        disagreements.append((f"{word} g{guidance:g}", images[differ[:cfg["grid_per_word"]]]))
+    print(f"[audit] sample sets: {counts['sampled']} sampled, {counts['cached']} from the cache", flush=True)
+
+    with timer("tables and plots"):
+        info = control["info"]
         verdicts, failed = {}, []
-        used = next(r for r in control_rows if r["k"] == k) if k in [r["k"] for r in control_rows] else None
-        if used is not None:
-            ok = used["ci_low"] > 0.5
-            verdicts["accuracy"] = (f"At k = {k} the accuracy is {used['accuracy']:.3f} [{used['ci_low']:.3f}, "
-                                    f"{used['ci_high']:.3f}]: " + ("above chance (0.5), pass." if ok else
-                                                                   "**not above chance (0.5): FAIL.**"))
-            if not ok:
-                failed.append(f"ScoreDecomp accuracy at k = {k} not above chance")
-        else:
-            verdicts["accuracy"] = f"k = {k} (set by --k) was not among --k_list, so its accuracy was not measured."
+        ok = info["ci_low"] > 0.5
+        verdicts["accuracy"] = (f"At k = {k} ({info['k_origin']}) the accuracy on the report half is "
+                                f"{info['accuracy']:.3f} [{info['ci_low']:.3f}, {info['ci_high']:.3f}], AUC "
+                                f"{info['auc']:.3f}: " + ("above chance (0.5), pass." if ok else
+                                                           "**not above chance (0.5): FAIL.**"))
+        if not ok:
+            failed.append(f"ScoreDecomp accuracy at k = {k} not above chance")
         if fidelity_rows:
-            failing = [f"{r['word']}" for r in fidelity_rows if r["bar"].startswith("FAIL")]
+            failing = [f"{r['word']} ({r['bar'][6:]})" for r in fidelity_rows if r["bar"].startswith("FAIL")]
             verdicts["fidelity"] = ("Acceptance bar: every training word passes at guidance 1." if not failing else
                                     f"**Acceptance bar failed at guidance 1 for: {', '.join(failing)}.**")
             if failing:
-                failed.append("conditioning fidelity (" + ", ".join(failing) + ")")
+                failed.append("conditioning fidelity at guidance 1: " + ", ".join(failing))
         if agreement:
             disagree = [f"{a['word']} (g {a['guidance']:g})" for a in agreement if not a["agree"]]
-            verdicts["agreement"] = (f"ScoreDecomp and the attribute rule agree within "
-                                     f"{cfg['agreement_tolerance']:.0%} on every training word." if not disagree else
+            verdicts["agreement"] = (f"ScoreDecomp and the hair rule agree within {cfg['agreement_tolerance']:.0%} on "
+                                     "every training word." if not disagree else
                                      f"**Disagreement beyond {cfg['agreement_tolerance']:.0%}: "
-                                     f"{', '.join(disagree)}.**")
-            if disagree:
-                failed.append("ScoreDecomp vs attribute rule (" + ", ".join(disagree) + ")")
-
+                                     f"{', '.join(disagree)}** (reported; not a control failure of the model: one "
+                                     "of the two instruments is wrong on these samples).")
         atomic_write_text(out / "proportions.csv", compact_csv_text(rows, PROPORTION_COLUMNS))
+        atomic_write_text(out / "seeds.csv", compact_csv_text(seed_rows, SEED_COLUMNS))
         if fidelity_rows:
             atomic_write_text(out / "fidelity.csv", compact_csv_text(fidelity_rows, list(fidelity_rows[0])))
+        if instrument:
+            atomic_write_text(out / "instruments.csv", compact_csv_text(instrument, INSTRUMENT_COLUMNS))
+            if disagreements:
+                width = max(len(images) for _, images in disagreements)
+                padded = [torch.cat([images, torch.full((width - len(images), *images.shape[1:]), 255,
+                                                        dtype=torch.uint8)]) for _, images in disagreements]
+                save_image_grid(torch.cat(padded), out / "instrument_disagreements.png", nrow=width,
+                                labels=[label for label, _ in disagreements])
         for guidance in guidances:
             save_image_grid(torch.cat(grids[guidance]), out / f"samples_g{guidance:g}.png",
-                            nrow=min(cfg["grid_per_word"], cfg["n_per_word"]), labels=words)
+                            nrow=cfg["grid_per_word"], labels=words)
+        by_key = {(r["word"], r["guidance"], r["method"]): r for r in rows}
         bar_plots: dict[float, list[str]] = {}
         for guidance in guidances:
             for method in methods:
@@ -756,29 +800,29 @@ def main(argv: list[str] | None = None) -> dict:
                                  title=f"{METHOD_NAMES[method]}, guidance {guidance:g} (* = training word)")
                 bar_plots.setdefault(guidance, []).append(plot)
         fits = regression_fits(rows, guidances, methods, cfg, out)
-        atomic_write_text(out / "regression.csv", compact_csv_text(
-            fits, REGRESSION_COLUMNS))
+        atomic_write_text(out / "regression.csv", compact_csv_text(fits, REGRESSION_COLUMNS))
         summary = {
             "run": str(run.run_dir), "run_step": run.step, "embedding": run.config["embedding"],
             "debias": run.config["debias"], "jl_seed": run.config["jl_seed"], "jl_dim": run.config["jl_dim"],
-            "dataset": str(dataset), "dataset_source": source, "k": k, "k_origin": k_origin, "methods": methods,
-            "guidance": guidances, "seen": seen, "unseen": unseen, "missing": missing, "trained_in_list": trained,
-            "respelled": listing["respelled"],
-            "controls_failed": failed, "config": cfg, "time_per_stage_s": timer.stages, **counts,
+            "dataset": str(dataset), "dataset_source": source, "k": k, "k_origin": info["k_origin"],
+            "accuracy_at_k": {key: info[key] for key in ("accuracy", "ci_low", "ci_high", "auc",
+                                                         "calibrated_accuracy", "threshold")},
+            "methods": methods, "guidance": guidances, "seen": seen, "unseen": unseen, "missing": missing,
+            "trained_in_list": trained, "respelled": listing["respelled"], "controls_failed": failed,
+            "config": cfg, "time_per_stage_s": timer.stages, **counts,
         }
         atomic_write_json(out / "audit.json", summary)
-        ctx = dict(cfg=cfg, run=run, rows=rows, fits=fits, guidances=guidances, methods=methods,
-                   embedding=embedding, control_rows=control_rows, control_info=control_info, k=k,
-                   t=score_model.timestep_for_k(k), k_origin=k_origin, fidelity_rows=fidelity_rows,
-                   agreement=agreement, verdicts=verdicts, failed=failed, attribute_note=attribute_note,
-                   dataset=dataset, source=source, elbo=cfg["elbo"], device=device, origin=origin, unseen=unseen,
-                   n_usable=len(usable), missing=missing, trained=trained, respelled=listing["respelled"],
-                   bar_plots=bar_plots, timer=timer,
-                   **counts)
+        ctx = dict(cfg=cfg, run=run, rows=rows, seed_rows=seed_rows, fits=fits, guidances=guidances, methods=methods,
+                   embedding=embedding, control=control, k=k, t=score_model.timestep_for_k(k),
+                   fidelity_rows=fidelity_rows, agreement=agreement, instrument=instrument,
+                   instrument_info=classifier.info if classifier else {}, verdicts=verdicts, failed=failed,
+                   attribute_note=attribute_note, dataset=dataset, source=source, elbo=cfg["elbo"], device=device,
+                   origin=origin, unseen=unseen, n_usable=len(usable), missing=missing, trained=trained,
+                   respelled=listing["respelled"], bar_plots=bar_plots, timer=timer, **counts)
     write_report(out, ctx)  # after the last stage, so its time is in the report
     print(f"[audit] wrote {out / 'report.md'}" + (f"; controls FAILED: {'; '.join(failed)}" if failed else ""))
     return summary
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, "interrupted: rerun the same command to resume (sampled images are cached in the audit folder)")

@@ -1,233 +1,493 @@
-"""Combine the audits of several runs: embedding arms (original / hard-debiased) x JL seeds.
+"""Combine the audited runs of the experiment into the answer: arms x JL seeds.
 
-    python statistical_auditing/combine_audits.py --runs runs/w2v-s0,runs/w2v-s1,runs/w2v-s2,runs/deb-s0,... \\
-        --out runs/experiment
+    python statistical_auditing/combine_audits.py --runs runs/exp/w2v-jl0,runs/exp/debiased-jl0,... --out runs/exp/combined
 
-Each run must have been audited (statistical_auditing/audit.py writes <run>/audit/); an
-entry of --runs may also be an audit folder itself. Runs are grouped by embedding arm (the
-word-vector source and whether it was hard-debiased); within an arm the runs differ by JL
-seed (the random projection is a source of variance the experiment must average over). For
-every word, guidance scale and method the report gives each run's female share (with its
-95% Wilson interval) and, per arm, the mean across runs with its spread (standard deviation
-and range over the JL seeds); then each run's regression slope and R^2 and their mean per
-arm. Outputs in --out: report.md, shares.csv (one row per run, word, scale, method),
-arms.csv (one row per arm, word, scale, method), regressions.csv, shares_<scale>_<method>.png.
+Each run must have been audited (statistical_auditing/audit.py writes <run>/audit/); its
+dose-response (<run>/dose_response/) and Lipschitz measurement (<run>/lipschitz/) are used
+when present. Runs are grouped by arm (the run's debias setting: none = w2v, hard =
+debiased before the projection, projected = debiased after it); within an arm the runs
+differ by JL seed, a source of variance the answer must average over.
+
+A run that fails its controls (ScoreDecomp accuracy at the chosen k not above chance, or
+the fidelity bar at the audit's sampler) is shown with the reason and LEFT OUT of every
+pooled estimate.
+
+1. Seen words (balanced training data): each run's female share pooled over its sampling
+   seeds (binomial; Wilson interval), the seed-to-seed spread and a chi-square test that
+   the seeds agree; per arm the mean over runs with a two-stage bootstrap interval (runs,
+   then images).
+2. Unseen words: the female share regressed on three measures of a word's embedding bias:
+   cos(w, woman) - cos(w, man) in the original word2vec (the same x for every arm),
+   in the arm's own space before the projection, and after the projection (what the model
+   sees). Per run, and pooled per arm with a two-stage bootstrap over runs and words
+   (experiment_stats.hierarchical_regression); a regression whose x has no spread (a
+   debiased gap) is reported as undefined. Each arm's slope minus the w2v slope, with
+   intervals. Held-out prediction: the line fitted on half the words (alternate ranks of the
+   original gap) predicts the other half.
+3. What a random projection does to a word's gap without any training: the distribution of
+   (after-JL gap - before-JL gap) over all usable professions, per JL seed and for projection
+   sizes --jl_dims, for the original and the hard-debiased embedding.
+4. Dose-response slopes and Lipschitz ratios, per run and per arm.
+
+Outputs in --out: report.md, runs.csv, seen.csv, seen_arms.csv, regressions.csv,
+contrasts.csv, held_out.csv, jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv,
+dose_points.csv, lipschitz.csv, and PNGs.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_text, compact_csv_text
+from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
+                                    run_main)
+from diffusion_from_scratch.utils import (atomic_write_text, compact_csv_text, load_json, load_word_list,
+                                          read_text_file, require_writable, writable_folder)
+from statistical_auditing import experiment_stats as E
 
 # ----------------------------------------------------------------------------- config
-RUNS = ""  # comma-separated run folders (each audited) or audit folders
+RUNS = ""  # comma-separated run folders (each audited) or their audit folders
 OUT = "runs/combined_audit"  # output folder
+N_BOOT = 2000  # [10, inf) bootstrap resamples (two-stage: runs, then words or images)
+SEED = 0  # [0, 2**63) bootstrap seed
+JL_DIMS = "64,128,256"  # list of ints in [1, inf): projection sizes for the projection-only gap shifts
+JL_SHIFT_SEEDS = "0,1,2"  # list of ints in [0, 2**32): JL seeds for the projection-only gap shifts
+REFERENCE_ARM = "w2v"  # arm the others are contrasted with
+INCLUDE_FAILED = False  # pool runs that fail their controls too (only for smoke checks of the pipeline)
 
-METHOD_NAMES = {"scoredecomp": "ScoreDecomp", "attribute": "attribute rule", "elbo": "ELBO classifier"}
-SETTINGS_COMPARED = ("n_per_word", "sampler", "sample_steps", "seed")
-
-
-def arm_name(embedding: str, debias: bool) -> str:
-    return f"{embedding}, {'hard-debiased' if debias else 'original'}"
-
-
-def spread(values: Sequence[float]) -> dict:
-    """mean, sample standard deviation (ddof 1; NaN for one value), min and max of ``values``."""
-    array = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
-    if array.size == 0:
-        return {"n_runs": 0, "mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan}
-    return {"n_runs": int(array.size), "mean": float(array.mean()),
-            "sd": float(array.std(ddof=1)) if array.size > 1 else math.nan,
-            "min": float(array.min()), "max": float(array.max())}
+ARM_NAMES = {"none": "w2v", "hard": "debiased", "projected": "projected"}
+ARM_TEXT = {"w2v": "word2vec as it is", "debiased": "hard-debiased before the JL projection",
+            "projected": "hard-debiased after the JL projection"}
+METHOD_NAMES = {"scoredecomp": "ScoreDecomp", "attribute": "hair rule", "elbo": "ELBO classifier"}
+X_VARIANTS = {"cosine_gap_w2v": "gap in the original word2vec", "cosine_gap": "gap in the arm's embedding, before JL",
+              "cosine_gap_jl": "gap after JL (what the model sees)"}
+FOCUS_SEEN = ("nurse", "philosopher", "person")
 
 
-def _float(text: str) -> float:
-    return float(text) if text not in ("", None) else math.nan
+def _float(text) -> float:
+    try:
+        return float(text) if text not in ("", None) else math.nan
+    except ValueError:
+        return math.nan
 
 
-def load_audit(entry: str) -> dict:
-    """One audited run: its audit.json summary, proportions.csv and regression.csv rows."""
+def read_csv(path: Path, columns: Sequence[str] = ()) -> list[dict]:
+    """The rows of a CSV the audits wrote; an unreadable file, or one without ``columns``, raises
+    InputError naming it."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "a CSV table"), newline="")))
+    except csv.Error as error:
+        raise InputError(f"{path}: not a readable CSV table ({error})") from None
+    header = set(rows[0]) if rows else set()
+    missing = [c for c in columns if rows and c not in header]
+    if missing or any(None in row for row in rows):
+        raise InputError(f"{path}: expected the columns {', '.join(columns)} of an audit table"
+                         + (f" (missing {', '.join(missing)})" if missing else " (a row has more cells than the header)"))
+    return rows
+
+
+def load_run(entry: str) -> dict:
+    """One audited run: audit.json, proportions.csv, seeds.csv, and dose / Lipschitz outputs if present."""
     path = Path(entry).expanduser()
-    folder = path if (path / "audit.json").is_file() else path / "audit"
-    needed = [folder / name for name in ("audit.json", "proportions.csv", "regression.csv")]
+    audit_dir = path if (path / "audit.json").is_file() else path / "audit"
+    run_dir = audit_dir.parent
+    needed = [audit_dir / name for name in ("audit.json", "proportions.csv", "seeds.csv")]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
-        raise InputError(f"--runs: {entry} has no complete audit (missing {', '.join(missing)} in {folder}); "
-                         f"run python statistical_auditing/audit.py --run {entry} first")
+        raise InputError(f"--runs: {entry} has no complete audit (missing {', '.join(missing)} in {audit_dir}); "
+                         f"run python statistical_auditing/audit.py --run {run_dir} first")
+    summary = load_json(needed[0])
+    if not isinstance(summary, dict):
+        raise InputError(f"--runs: {needed[0]} is not an audit summary (a JSON object); rerun the audit of {run_dir}")
+    for key in ("debias", "jl_seed", "run_step", "k", "config", "controls_failed", "seen", "unseen"):
+        require(key in summary, f"--runs: {needed[0]} lacks {key!r}; rerun the audit of {run_dir}")
+    require(isinstance(summary["config"], dict) and isinstance(summary["controls_failed"], list),
+            f"--runs: {needed[0]}: 'config' must be an object and 'controls_failed' a list; rerun the audit of {run_dir}")
+    shares = read_csv(needed[1], ("word", "seen", "guidance", "method", "n", "successes"))
     try:
-        summary = json.loads(needed[0].read_text())
-        with open(needed[1], newline="") as handle:
-            shares = list(csv.DictReader(handle))
-        with open(needed[2], newline="") as handle:
-            fits = list(csv.DictReader(handle))
-    except (OSError, ValueError) as error:
-        raise InputError(f"--runs: cannot read the audit in {folder}: {error}") from None
-    for key in ("embedding", "debias", "jl_seed", "run_step", "k", "config"):
-        require(key in summary, f"--runs: {needed[0]} lacks {key!r}; rerun the audit of {entry}")
-    for row in shares:
-        row["guidance"] = float(row["guidance"])
-        row["seen"] = row["seen"] == "True"
-        for key in ("share", "ci_low", "ci_high", "cosine_gap", "cosine_gap_jl"):
-            row[key] = _float(row.get(key, ""))
-        row["n"] = int(row["n"])
-    for fit in fits:
-        fit["guidance"] = float(fit["guidance"])
-        for key in ("slope", "r2", "slope_ci_low", "slope_ci_high", "r2_ci_low", "r2_ci_high", "n_words"):
-            fit[key] = _float(fit.get(key, ""))
-    name = str(path)
-    return {"name": name, "folder": folder, "summary": summary, "shares": shares, "fits": fits,
-            "arm": arm_name(summary["embedding"], bool(summary["debias"])), "jl_seed": summary["jl_seed"]}
-
-
-def combine(audits: list[dict]) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """(per-run share rows, per-arm share rows, per-run fit rows, per-arm fit rows)."""
-    run_rows, fit_rows = [], []
-    for audit in audits:
-        for row in audit["shares"]:
-            run_rows.append({"run": audit["name"], "arm": audit["arm"], "jl_seed": audit["jl_seed"],
-                             **{k: row[k] for k in ("word", "seen", "guidance", "method", "n", "successes", "share",
-                                                    "ci_low", "ci_high", "cosine_gap", "cosine_gap_jl")}})
-        for fit in audit["fits"]:
-            if fit.get("skipped"):
-                continue
-            fit_rows.append({"run": audit["name"], "arm": audit["arm"], "jl_seed": audit["jl_seed"],
-                             **{k: fit[k] for k in ("guidance", "method", "x", "n_words", "slope", "slope_ci_low",
-                                                    "slope_ci_high", "r2", "r2_ci_low", "r2_ci_high")}})
-    arm_rows = []
-    groups: dict[tuple, list[dict]] = {}
-    for row in run_rows:
-        groups.setdefault((row["arm"], row["guidance"], row["method"], row["word"]), []).append(row)
-    for (arm, guidance, method, word), rows in groups.items():
-        arm_rows.append({"arm": arm, "guidance": guidance, "method": method, "word": word, "seen": rows[0]["seen"],
-                         "cosine_gap": rows[0]["cosine_gap"],  # before JL: the same for every seed of an arm
-                         "jl_seeds": ";".join(str(r["jl_seed"]) for r in rows),
-                         "per_run": [(r["jl_seed"], r["share"]) for r in rows],
-                         **spread([r["share"] for r in rows])})
-    arm_fits = []
-    fit_groups: dict[tuple, list[dict]] = {}
-    for fit in fit_rows:
-        fit_groups.setdefault((fit["arm"], fit["guidance"], fit["method"], fit["x"]), []).append(fit)
-    for (arm, guidance, method, x), fits in fit_groups.items():
-        slope, r2 = spread([f["slope"] for f in fits]), spread([f["r2"] for f in fits])
-        arm_fits.append({"arm": arm, "guidance": guidance, "method": method, "x": x, "n_runs": slope["n_runs"],
-                         "slope_mean": slope["mean"], "slope_sd": slope["sd"], "slope_min": slope["min"],
-                         "slope_max": slope["max"], "r2_mean": r2["mean"], "r2_sd": r2["sd"]})
-    return run_rows, arm_rows, fit_rows, arm_fits
-
-
-def _num(value: float, spec: str = ".2f") -> str:
-    return "n/a" if math.isnan(value) else format(value, spec)
-
-
-def plot_arms(arm_rows: list[dict], arms: list[str], words: list[str], path: Path, title: str) -> None:
-    """Grouped bars: mean female share per word for each arm, error bars = range over the JL seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lookup = {(r["arm"], r["word"]): r for r in arm_rows}
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(words) * max(1, len(arms)) + 2), 4.5))
+        for row in shares:
+            row["guidance"] = _float(row["guidance"])
+            row["seen"] = row["seen"] == "True"
+            for key in ("share", "ci_low", "ci_high", *X_VARIANTS):
+                row[key] = _float(row.get(key))
+            row["n"], row["successes"] = int(row["n"] or 0), int(row["successes"] or 0)
+    except ValueError as error:
+        raise InputError(f"{needed[1]}: expected integer counts in columns n and successes ({error})") from None
+    seeds = read_csv(needed[2], ("word", "guidance", "method", "n", "successes"))
     try:
-        width = 0.8 / max(1, len(arms))
-        for i, arm in enumerate(arms):
-            rows = [lookup.get((arm, w)) for w in words]
-            mean = np.array([r["mean"] if r else np.nan for r in rows])
-            low = np.array([r["mean"] - r["min"] if r else np.nan for r in rows])
-            high = np.array([r["max"] - r["mean"] if r else np.nan for r in rows])
-            positions = np.arange(len(words)) + (i - (len(arms) - 1) / 2) * width
-            ax.bar(positions, mean, width, label=arm, alpha=0.85)
-            ax.errorbar(positions, mean, yerr=np.vstack([low, high]), fmt="none", ecolor="black", capsize=3)
-        ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
-        ax.set_xticks(np.arange(len(words)))
-        ax.set_xticklabels(words, rotation=30, ha="right")
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("female share (mean over JL seeds; bars: range)")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
-        atomic_write_bytes(path, buffer.getvalue())
+        for row in seeds:
+            row["guidance"] = _float(row["guidance"])
+            row["n"], row["successes"] = int(row["n"] or 0), int(row["successes"] or 0)
+    except ValueError as error:
+        raise InputError(f"{needed[2]}: expected integer counts in columns n and successes ({error})") from None
+    dose = run_dir / "dose_response"
+    lipschitz = run_dir / "lipschitz" / "lipschitz.json"
+    lipschitz_summary = load_json(lipschitz) if lipschitz.is_file() else None
+    require(lipschitz_summary is None or isinstance(lipschitz_summary, dict),
+            f"{lipschitz}: expected a JSON object (lipschitz.py writes it); rerun lipschitz.py or move it away")
+    arm = ARM_NAMES.get(str(summary["debias"]), str(summary["debias"]))
+    return {"name": run_dir.name, "dir": run_dir, "summary": summary, "shares": shares, "seeds": seeds, "arm": arm,
+            "jl_seed": summary["jl_seed"], "failed": list(summary["controls_failed"]),
+            "dose_points": read_csv(dose / "dose_response.csv") if (dose / "dose_response.csv").is_file() else [],
+            "dose_slopes": read_csv(dose / "slopes.csv") if (dose / "slopes.csv").is_file() else [],
+            "lipschitz": lipschitz_summary}
+
+
+def fmt(value: float, spec: str = ".2f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def fmt_ci(pair: Sequence[float], spec: str = ".2f") -> str:
+    return f"[{fmt(pair[0], spec)}, {fmt(pair[1], spec)}]"
+
+
+# ----------------------------------------------------------------------------- the combinations
+def seen_tables(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """Per run (pooled over its seeds) and per arm (over its included runs) shares of the seen words."""
+    per_run = []
+    for run in runs:
+        keys = dict.fromkeys((r["word"], r["guidance"], r["method"]) for r in run["seeds"])
+        for word, guidance, method in keys:
+            counts = [(r["successes"], r["n"]) for r in run["seeds"]
+                      if (r["word"], r["guidance"], r["method"]) == (word, guidance, method)]
+            pooled = E.pooled_share(counts)
+            per_run.append({"run": run["name"], "arm": run["arm"], "jl_seed": run["jl_seed"], "word": word,
+                            "guidance": guidance, "method": method, "included": run in included, **pooled})
+    per_arm = []
+    arms = list(dict.fromkeys(r["arm"] for r in included))
+    for arm in arms:
+        rows = [r for r in per_run if r["arm"] == arm and r["included"]]
+        for word, guidance, method in dict.fromkeys((r["word"], r["guidance"], r["method"]) for r in rows):
+            chosen = [r for r in rows if (r["word"], r["guidance"], r["method"]) == (word, guidance, method)]
+            pooled = E.pooled_over_runs([(r["successes"], r["n"]) for r in chosen], cfg["n_boot"], cfg["seed"])
+            per_arm.append({"arm": arm, "word": word, "guidance": guidance, "method": method,
+                            "n_images": sum(r["n"] for r in chosen), **pooled,
+                            "per_run": "; ".join(f"jl{r['jl_seed']}: {fmt(r['share'])}" for r in chosen)})
+    return per_run, per_arm
+
+
+def regressions(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list[dict], dict]:
+    """Per-run and per-arm fits of female share on each x variant; returns rows and the arm fits."""
+    rows, arm_fits = [], {}
+    combos = dict.fromkeys((r["guidance"], r["method"]) for run in runs for r in run["shares"] if not r["seen"])
+    for guidance, method in combos:
+        for x_key in X_VARIANTS:
+            def points(run):
+                chosen = [r for r in run["shares"] if not r["seen"] and r["guidance"] == guidance
+                          and r["method"] == method and r["n"] > 0 and not math.isnan(r[x_key])]
+                return np.array([r[x_key] for r in chosen]), np.array([r["share"] for r in chosen])
+
+            for run in runs:
+                fit = E.hierarchical_regression([points(run)], cfg["n_boot"], cfg["seed"])
+                rows.append(fit_row("run", run["name"], run["arm"], guidance, method, x_key, fit, run in included))
+            for arm in dict.fromkeys(r["arm"] for r in included):
+                members = [run for run in included if run["arm"] == arm]
+                fit = E.hierarchical_regression([points(run) for run in members], cfg["n_boot"], cfg["seed"])
+                arm_fits[(arm, guidance, method, x_key)] = fit
+                rows.append(fit_row("arm", arm, arm, guidance, method, x_key, fit, True))
+    return rows, arm_fits
+
+
+def fit_row(level: str, name: str, arm: str, guidance: float, method: str, x_key: str, fit: dict,
+            included: bool) -> dict:
+    return {"level": level, "name": name, "arm": arm, "guidance": guidance, "method": method, "x": x_key,
+            "included": included, "defined": fit["defined"], "reason": fit.get("reason", ""),
+            "n_runs": fit["n_runs"], "n_points": fit["n_points"], "slope": fit["slope"],
+            "slope_ci_low": fit["slope_ci"][0], "slope_ci_high": fit["slope_ci"][1], "intercept": fit["intercept"],
+            "r2": fit["r2"], "r2_ci_low": fit["r2_ci"][0], "r2_ci_high": fit["r2_ci"][1]}
+
+
+def contrasts(arm_fits: dict, reference: str) -> list[dict]:
+    rows = []
+    for (arm, guidance, method, x_key), fit in arm_fits.items():
+        if arm == reference or (reference, guidance, method, x_key) not in arm_fits:
+            continue
+        c = E.slope_contrast(fit, arm_fits[(reference, guidance, method, x_key)])
+        rows.append({"arm": arm, "reference": reference, "guidance": guidance, "method": method, "x": x_key,
+                     "defined": c["defined"], "difference": c["difference"], "ci_low": c["ci"][0],
+                     "ci_high": c["ci"][1]})
+    return rows
+
+
+def held_out(included: list[dict]) -> list[dict]:
+    """Per arm, guidance, method and x: fit on half the unseen words (alternate ranks of their
+    original gap, the same split in every run and arm), predict the other half."""
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in included):
+        members = [run for run in included if run["arm"] == arm]
+        combos = dict.fromkeys((r["guidance"], r["method"]) for run in members for r in run["shares"] if not r["seen"])
+        for guidance, method in combos:
+            points = [r for run in members for r in run["shares"] if not r["seen"] and r["guidance"] == guidance
+                      and r["method"] == method and r["n"] > 0]
+            words = sorted({r["word"] for r in points}, key=lambda w: next(r["cosine_gap_w2v"] for r in points
+                                                                             if r["word"] == w))
+            fold_of = {w: i % 2 for i, w in enumerate(words)}
+            for x_key in X_VARIANTS:
+                usable = [r for r in points if not math.isnan(r[x_key])]
+                result = E.held_out_prediction([r[x_key] for r in usable], [r["share"] for r in usable],
+                                               [fold_of[r["word"]] for r in usable])
+                rows.append({"arm": arm, "guidance": guidance, "method": method, "x": x_key, **result})
+    return rows
+
+
+def jl_shifts(runs: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """Projection-only gap shifts over all usable professions (no training involved)."""
+    from diffusion_from_scratch.word_vectors import load_word_vectors, projection_gap_shifts, vocabulary_form
+
+    source = runs[0]["summary"]["embedding"]
+    wv = load_word_vectors(source)
+    words_file = runs[0]["summary"]["config"].get("words_file")
+    listed = load_word_list(Path(words_file)) if words_file else []
+    seen = set(runs[0]["summary"]["seen"])
+    words = [w for w in dict.fromkeys(vocabulary_form(w, wv) for w in listed) if w and w not in seen]
+    dims = parse_number_list(cfg["jl_dims"], "jl_dims", int)
+    seeds = parse_number_list(cfg["jl_shift_seeds"], "jl_shift_seeds", int)
+    rows = []
+    if not words:  # the audits named no word list (--words): nothing to measure
+        return [], []
+    for mode in ("none", "hard"):
+        rows += [r | {"embedding": ARM_NAMES[mode]} for r in projection_gap_shifts(words, wv, seeds, dims, mode)]
+    summary = []
+    for (embedding, dim, seed) in dict.fromkeys((r["embedding"], r["jl_dim"], r["jl_seed"]) for r in rows):
+        shifts = np.array([r["shift"] for r in rows if (r["embedding"], r["jl_dim"], r["jl_seed"]) == (embedding, dim,
+                                                                                                        seed)])
+        summary.append({"embedding": embedding, "jl_dim": dim, "jl_seed": seed, "n_words": shifts.size,
+                        "mean": float(shifts.mean()), "sd": float(shifts.std(ddof=1)),
+                        "abs_p95": float(np.percentile(np.abs(shifts), 95)), "min": float(shifts.min()),
+                        "max": float(shifts.max()), "one_over_sqrt_dim": 1 / math.sqrt(dim)})
+    return rows, summary
+
+
+def dose_tables(included: list[dict]) -> tuple[list[dict], list[dict]]:
+    slopes, points = [], []
+    for run in included:
+        for row in run["dose_slopes"]:
+            slopes.append({"run": run["name"], "arm": run["arm"], "jl_seed": run["jl_seed"], **row})
+        for row in run["dose_points"]:
+            points.append({"run": run["name"], "arm": run["arm"], "jl_seed": run["jl_seed"], **row})
+    return slopes, points
+
+
+def lipschitz_table(included: list[dict]) -> list[dict]:
+    rows = []
+    for run in included:
+        if not run["lipschitz"]:
+            continue
+        for entry in run["lipschitz"]["per_timestep"]:
+            rows.append({"run": run["name"], "arm": run["arm"], "jl_seed": run["jl_seed"], **entry,
+                         "output_lipschitz": run["lipschitz"]["output_lipschitz"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_regressions(included: list[dict], arm_fits: dict, guidance: float, method: str, path: Path) -> None:
+    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+
+    plt = _pyplot()
+    arms = list(dict.fromkeys(r["arm"] for r in included))
+    fig, axes = plt.subplots(1, len(X_VARIANTS), figsize=(5.5 * len(X_VARIANTS), 4.5), squeeze=False)
+    try:
+        for ax, (x_key, x_text) in zip(axes[0], X_VARIANTS.items()):
+            for i, arm in enumerate(arms):
+                xs, ys = [], []
+                for run in (r for r in included if r["arm"] == arm):
+                    pts = [r for r in run["shares"] if not r["seen"] and r["guidance"] == guidance
+                           and r["method"] == method and r["n"] > 0 and not math.isnan(r[x_key])]
+                    xs += [r[x_key] for r in pts]
+                    ys += [r["share"] for r in pts]
+                fit = arm_fits.get((arm, guidance, method, x_key))
+                label = arm
+                if fit and fit["defined"]:
+                    label += f": slope {fit['slope']:.2f} {fmt_ci(fit['slope_ci'])}, R2 {fit['r2']:.2f}"
+                    grid = np.linspace(min(xs), max(xs), 50)
+                    ax.plot(grid, fit["intercept"] + fit["slope"] * grid, color=f"C{i}")
+                elif fit:
+                    label += ": slope undefined (x has no spread)"
+                ax.scatter(xs, ys, s=10, alpha=0.6, color=f"C{i}", label=label)
+            ax.set_xlabel(x_text)
+            ax.set_ylabel(f"female share ({METHOD_NAMES.get(method, method)})")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Unseen words, guidance {guidance:g}: every run's words, pooled line per arm")
+        _save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
 
 
-def write_report(out: Path, audits: list[dict], run_rows: list[dict], arm_rows: list[dict], fit_rows: list[dict],
-                 arm_fits: list[dict], plots: dict) -> None:
-    arms = list(dict.fromkeys(a["arm"] for a in audits))
-    lines = ["# Combined audit", "",
-             f"{len(audits)} audited runs in {len(arms)} embedding arm(s). Within an arm, runs differ by the seed "
-             "of the JL projection; the mean over those runs, with its standard deviation (sd) and range, "
-             "separates the embedding's effect from the luck of one projection. Shares are the female share "
-             "of each word's samples (95% Wilson interval per run in shares.csv).", "",
-             "## Runs", "", "| run | arm | JL seed | step | k | N per word | sampler | controls |",
+def plot_jl_shifts(shift_rows: list[dict], included: list[dict], guidance: float, method: str, path: Path) -> None:
+    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    try:
+        dims = sorted({r["jl_dim"] for r in shift_rows})
+        data = [[r["shift"] for r in shift_rows if r["embedding"] == "debiased" and r["jl_dim"] == d] for d in dims]
+        axes[0].violinplot(data, showmedians=True)
+        axes[0].set_xticks(range(1, len(dims) + 1), [f"{d} dims" for d in dims])
+        for i, d in enumerate(dims):
+            axes[0].plot([i + 0.75, i + 1.25], [1 / math.sqrt(d)] * 2, "k--", linewidth=1)
+            axes[0].plot([i + 0.75, i + 1.25], [-1 / math.sqrt(d)] * 2, "k--", linewidth=1)
+        axes[0].set_ylabel("after-JL gap - before-JL gap")
+        axes[0].set_title("Hard-debiased professions: the gap a random projection adds\n(dashed: +-1/sqrt(dim); "
+                          "no training involved)")
+        for i, run in enumerate(r for r in included if r["arm"] == "debiased"):
+            pts = [r for r in run["shares"] if not r["seen"] and r["guidance"] == guidance and r["method"] == method
+                   and r["n"] > 0]
+            axes[1].scatter([r["cosine_gap_jl"] for r in pts], [r["share"] for r in pts], s=12, color=f"C{i}",
+                            label=f"{run['name']}")
+        axes[1].set_xlabel("after-JL gap of the hard-debiased word (= the projection's shift)")
+        axes[1].set_ylabel(f"female share ({METHOD_NAMES.get(method, method)}, guidance {guidance:g})")
+        axes[1].set_ylim(-0.02, 1.02)
+        axes[1].set_title("...and what the trained models draw for those words")
+        axes[1].legend(fontsize=7)
+        _save_figure_atomically(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_dose(points: list[dict], path: Path) -> None:
+    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+
+    plt = _pyplot()
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.5), squeeze=False)
+    try:
+        for ax, method in zip(axes[0], methods):
+            words = list(dict.fromkeys(p["word"] for p in points))
+            for i, word in enumerate(words):
+                for space, style in (("embedding", "o-"), ("projected", "s--")):
+                    sel = [p for p in points if p["word"] == word and p["method"] == method and p["space"] == space]
+                    alphas = sorted({float(p["alpha"]) for p in sel})
+                    if not alphas:
+                        continue
+                    mean, low, high = [], [], []
+                    for alpha in alphas:
+                        counts = [(int(p["successes"]), int(p["n"])) for p in sel if float(p["alpha"]) == alpha]
+                        pooled = E.pooled_over_runs(counts, 500, 0)
+                        mean.append(pooled["share"])
+                        low.append(pooled["ci_low"])
+                        high.append(pooled["ci_high"])
+                    mean, low, high = map(np.array, (mean, low, high))
+                    ax.errorbar(np.array(alphas) + (0.006 if space == "projected" else 0), mean,
+                                yerr=np.vstack([mean - low, high - mean]), fmt=style, color=f"C{i}", capsize=2,
+                                markersize=3, label=word + ("" if space == "embedding" else " (moved after JL)"))
+            ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("alpha: gender direction added to the word (before the projection)")
+            ax.set_ylabel("female share, mean over runs (95% CI over runs and images)")
+            ax.set_title(METHOD_NAMES.get(method, method))
+            ax.legend(fontsize=7)
+        _save_figure_atomically(fig, path)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(out: Path, ctx: dict) -> None:
+    runs, included = ctx["runs"], ctx["included"]
+    lines = ["# Combined audit of the experiment", "",
+             f"{len(runs)} runs in {len(ctx['arms'])} arms ({', '.join(f'{a}: {ARM_TEXT.get(a, a)}' for a in ctx['arms'])}); "
+             f"{len(included)} enter the pooled estimates"
+             + (" (**--include_failed: runs that fail their controls are pooled too; a pipeline check, not a "
+                "result**)" if ctx["cfg"]["include_failed"] else " (those that pass their controls)")
+             + f". Bootstrap: {ctx['cfg']['n_boot']} "
+             f"two-stage resamples (runs, then words or images), seed {ctx['cfg']['seed']}.", "",
+             "## Runs and their controls", "",
+             "| run | arm | JL seed | step | k | ScoreDecomp accuracy at k [95% CI] (AUC) | controls | pooled |",
              "|---|---|---|---|---|---|---|---|"]
-    for a in audits:
-        s, c = a["summary"], a["summary"]["config"]
-        controls = "passed" if not s.get("controls_failed") else "FAILED: " + "; ".join(s["controls_failed"])
-        lines.append(f"| `{a['name']}` | {a['arm']} | {a['jl_seed']} | {s['run_step']} | {s['k']} | "
-                     f"{c.get('n_per_word')} | {c.get('sampler')} {c.get('sample_steps')} | {controls} |")
-    differing = [key for key in SETTINGS_COMPARED if len({str(a["summary"]["config"].get(key)) for a in audits}) > 1]
-    if differing:
-        lines += ["", f"**Note: the audits differ in {', '.join(differing)}; compare them with care.**"]
-    seeds: dict[str, list] = {}
-    for a in audits:
-        seeds.setdefault(a["arm"], []).append(a["jl_seed"])
-    repeated = [arm for arm, values in seeds.items() if len(set(values)) < len(values)]
-    if repeated:
-        lines += ["", f"**Note: arm(s) {', '.join(repeated)} hold runs with the same JL seed.**"]
-    combos = list(dict.fromkeys((r["guidance"], r["method"]) for r in arm_rows))
-    lines += ["", "## Female share per word", ""]
-    for guidance, method in combos:
-        rows = [r for r in arm_rows if r["guidance"] == guidance and r["method"] == method]
-        words = list(dict.fromkeys(r["word"] for r in sorted(rows, key=lambda r: (not r["seen"], r["cosine_gap"]))))
-        lookup = {(r["arm"], r["word"]): r for r in rows}
-        lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "",
-                  "| word | seen | " + " | ".join(f"{arm}: mean ± sd [min, max] (runs; per run)" for arm in arms) + " |",
-                  "|---|---|" + "---|" * len(arms)]
-        for word in words:
-            cells = []
-            for arm in arms:
-                r = lookup.get((arm, word))
-                if r is None or not r["n_runs"]:
-                    cells.append("-")
-                    continue
-                per_run = ", ".join(f"{seed}: {_num(share)}" for seed, share in r["per_run"])
-                cells.append(f"{_num(r['mean'])} ± {_num(r['sd'])} [{_num(r['min'])}, {_num(r['max'])}] "
-                             f"({r['n_runs']}; JL seed: share {per_run})")
-            seen = next(r["seen"] for r in rows if r["word"] == word)
-            lines.append(f"| {word} | {'yes' if seen else 'no'} | " + " | ".join(cells) + " |")
-        if (guidance, method) in plots:
-            lines += ["", f"![{method} guidance {guidance:g}]({plots[(guidance, method)]})"]
-        lines.append("")
-    lines += ["## Regression of the female share on the embedding bias (unseen words)", "",
-              "Per run (slope and R^2 with the run's bootstrap interval):", "",
-              "| run | arm | JL seed | guidance | method | x | slope [95% CI] | R^2 [95% CI] |",
-              "|---|---|---|---|---|---|---|---|"]
-    for f in fit_rows:
-        lines.append(f"| `{f['run']}` | {f['arm']} | {f['jl_seed']} | {f['guidance']:g} | "
-                     f"{METHOD_NAMES.get(f['method'], f['method'])} | {f['x']} | {_num(f['slope'], '.3g')} "
-                     f"[{_num(f['slope_ci_low'], '.3g')}, {_num(f['slope_ci_high'], '.3g')}] | {_num(f['r2'], '.3f')} "
-                     f"[{_num(f['r2_ci_low'], '.3f')}, {_num(f['r2_ci_high'], '.3f')}] |")
-    if not fit_rows:
-        lines.append("| no run has a regression (each needs >= 3 unseen words with decided images) | | | | | | | |")
-    lines += ["", "Per arm (over its runs):", "",
-              "| arm | guidance | method | x | runs | slope mean ± sd [min, max] | R^2 mean ± sd |",
-              "|---|---|---|---|---|---|---|"]
-    for f in arm_fits:
-        lines.append(f"| {f['arm']} | {f['guidance']:g} | {METHOD_NAMES.get(f['method'], f['method'])} | {f['x']} | "
-                     f"{f['n_runs']} | {_num(f['slope_mean'], '.3g')} ± {_num(f['slope_sd'], '.3g')} "
-                     f"[{_num(f['slope_min'], '.3g')}, {_num(f['slope_max'], '.3g')}] | {_num(f['r2_mean'], '.3f')} ± "
-                     f"{_num(f['r2_sd'], '.3f')} |")
-    lines += ["", "Files: shares.csv, arms.csv, regressions.csv, arm_regressions.csv, and the PNGs above.", ""]
+    for run in runs:
+        s = run["summary"]
+        acc = s.get("accuracy_at_k") or {}
+        accuracy = (f"{fmt(acc.get('accuracy'), '.3f')} {fmt_ci((acc.get('ci_low', math.nan), acc.get('ci_high', math.nan)), '.3f')}"
+                    f" ({fmt(acc.get('auc', math.nan), '.3f')})") if acc else "-"
+        controls = "passed" if not run["failed"] else "FAILED: " + "; ".join(run["failed"])
+        lines.append(f"| {run['name']} | {run['arm']} | {run['jl_seed']} | {s['run_step']} | {s['k']} | {accuracy} | "
+                     f"{controls} | {'yes' if run in included else '**no**'} |")
+    lines += ["", "## 1. Seen words (trained on gender-balanced images)", "",
+              "Female share pooled over each run's sampling seeds (Wilson 95% CI), the spread between seeds (sd, "
+              "and the chi-square p that the seeds agree), and per arm the mean over runs with a two-stage "
+              "bootstrap interval.", ""]
+    for guidance in ctx["guidances"]:
+        for method in ctx["methods"]:
+            lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "",
+                      "| arm | word | mean over runs [95% CI] | per run | runs |", "|---|---|---|---|---|"]
+            for r in ctx["seen_arms"]:
+                if r["guidance"] == guidance and r["method"] == method:
+                    lines.append(f"| {r['arm']} | {r['word']} | {fmt(r['share'])} {fmt_ci((r['ci_low'], r['ci_high']))} | "
+                                 f"{r['per_run']} | {r['n_runs']} |")
+            lines.append("")
+    lines += ["Per run (pooled over seeds): seen.csv. Seed agreement: "
+              + (f"the smallest chi-square p over all runs, words, scales and methods is "
+                 f"{fmt(ctx['min_homogeneity_p'], '.3g')} over {ctx['n_homogeneity']} tests." if ctx["n_homogeneity"]
+                 else "no multi-seed rows."), ""]
+    lines += ["## 2. Unseen words: does the embedding's bias reach the images?", "",
+              "Slope of the female share on the word's cosine gap cos(w, woman) - cos(w, man), pooled per arm over "
+              "its runs (95% intervals over runs and words); undefined where the gap has no spread.", ""]
+    for guidance in ctx["guidances"]:
+        for method in ctx["methods"]:
+            lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "",
+                      "| arm | x | slope [95% CI] | R^2 [95% CI] | runs x words |", "|---|---|---|---|---|"]
+            for r in ctx["fit_rows"]:
+                if r["level"] == "arm" and r["guidance"] == guidance and r["method"] == method:
+                    slope = (f"{fmt(r['slope'])} {fmt_ci((r['slope_ci_low'], r['slope_ci_high']))}" if r["defined"]
+                             else f"undefined: {r['reason']}")
+                    r2 = f"{fmt(r['r2'])} {fmt_ci((r['r2_ci_low'], r['r2_ci_high']))}" if r["defined"] else "-"
+                    lines.append(f"| {r['arm']} | {X_VARIANTS[r['x']]} | {slope} | {r2} | {r['n_points']} |")
+            plot = ctx["plots"].get(("regression", guidance, method))
+            if plot:
+                lines += ["", f"![regression g{guidance:g} {method}]({plot})"]
+            lines.append("")
+    lines += ["### Each arm's slope minus the w2v slope", "", "| arm | guidance | method | x | difference [95% CI] |",
+              "|---|---|---|---|---|"]
+    for c in ctx["contrast_rows"]:
+        diff = f"{fmt(c['difference'])} {fmt_ci((c['ci_low'], c['ci_high']))}" if c["defined"] else "undefined"
+        lines.append(f"| {c['arm']} | {c['guidance']:g} | {METHOD_NAMES.get(c['method'], c['method'])} | "
+                     f"{X_VARIANTS[c['x']]} | {diff} |")
+    lines += ["", "### Held-out prediction (fit on half the words, predict the other half)", "",
+              "| arm | guidance | method | x | RMSE | MAE | R^2 out of sample |", "|---|---|---|---|---|---|---|"]
+    for h in ctx["held_rows"]:
+        lines.append(f"| {h['arm']} | {h['guidance']:g} | {METHOD_NAMES.get(h['method'], h['method'])} | "
+                     f"{X_VARIANTS[h['x']]} | {fmt(h['rmse'], '.3f')} | {fmt(h['mae'], '.3f')} | "
+                     f"{fmt(h['r2_out'], '.2f')} |")
+    lines += ["", "## 3. What the projection alone does to a word's gap (no training)", "",
+              "after-JL gap - before-JL gap over all usable professions:", "",
+              "| embedding | dims | JL seed | words | mean | sd | 95th pct of abs | min | max | 1/sqrt(dims) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ctx["shift_summary"]:
+        lines.append(f"| {r['embedding']} | {r['jl_dim']} | {r['jl_seed']} | {r['n_words']} | {r['mean']:+.3f} | "
+                     f"{r['sd']:.3f} | {r['abs_p95']:.3f} | {r['min']:+.3f} | {r['max']:+.3f} | "
+                     f"{r['one_over_sqrt_dim']:.3f} |")
+    if ctx["plots"].get("jl"):
+        lines += ["", f"![projection shifts]({ctx['plots']['jl']})"]
+    lines += ["", "## 4. Dose-response and the Lipschitz view", ""]
+    if ctx["dose_slopes"]:
+        lines += ["Logistic slope of the female call on alpha (log-odds per unit of the gender direction), per run:", "",
+                  "| run | word | space | method | slope [95% CI] |", "|---|---|---|---|---|"]
+        for s in ctx["dose_slopes"]:
+            lines.append(f"| {s['run']} | {s['word']} | {s['space']} | {s['method']} | {fmt(_float(s['slope']))} "
+                         f"{fmt_ci((_float(s.get('slope_ci_low')), _float(s.get('slope_ci_high'))))} |")
+        if ctx["plots"].get("dose"):
+            lines += ["", f"![dose-response]({ctx['plots']['dose']})"]
+    else:
+        lines.append("No dose-response in these runs.")
+    lines.append("")
+    if ctx["lipschitz_rows"]:
+        lines += ["Empirical Lipschitz ratios of the learned predictor in its conditioning (RMS change per unit of "
+                  "||y1 - y2||), median and maximum over pairs and images, per run, for the noise eps, the score "
+                  "-eps / sqrt(1 - abar) and the clean-image prediction x0; output-level L = the largest "
+                  "|female share gap| / ||y1 - y2|| over the run's word pairs:", "",
+                  "| run | t | eps median / max | score median / max | x0 median / max | output-level L |",
+                  "|---|---|---|---|---|---|"]
+        for r in ctx["lipschitz_rows"]:
+            lines.append(f"| {r['run']} | {r['t']} | {r['median']:.3f} / {r['max']:.3f} | {r['score_median']:.3f} / "
+                         f"{r['score_max']:.3f} | {r['x0_median']:.3f} / {r['x0_max']:.3f} | "
+                         f"{fmt(r['output_lipschitz'], '.3f')} |")
+    lines += ["", "Files: runs.csv, seen.csv, seen_arms.csv, regressions.csv, contrasts.csv, held_out.csv, "
+              "jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv, dose_points.csv, lipschitz.csv, PNGs.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 
@@ -236,32 +496,51 @@ def main(argv: list[str] | None = None) -> dict:
     entries = [e.strip() for e in cfg["runs"].split(",") if e.strip()]
     require(bool(entries), "--runs: give the audited run folders, comma-separated")
     require(len(set(entries)) == len(entries), f"--runs: a run is listed twice in {cfg['runs']!r}")
-    audits = [load_audit(e) for e in entries]
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    run_rows, arm_rows, fit_rows, arm_fits = combine(audits)
-    arms = list(dict.fromkeys(a["arm"] for a in audits))
+    require_writable(Path(cfg["out"]), "out")
+    runs = [load_run(e) for e in entries]
+    included = [run for run in runs if not run["failed"] or cfg["include_failed"]]
+    out = writable_folder(Path(cfg["out"]), "out")
+    seen_runs, seen_arms = seen_tables(runs, included, cfg)
+    fit_rows, arm_fits = regressions(runs, included, cfg)
+    contrast_rows = contrasts(arm_fits, cfg["reference_arm"])
+    held_rows = held_out(included)
+    shift_rows, shift_summary = jl_shifts(runs, cfg)
+    dose_slopes, dose_points = dose_tables(included)
+    lipschitz_rows = lipschitz_table(included)
+    guidances = sorted({r["guidance"] for run in runs for r in run["shares"]})
+    methods = list(dict.fromkeys(r["method"] for run in runs for r in run["shares"]))
     plots = {}
-    for guidance, method in dict.fromkeys((r["guidance"], r["method"]) for r in arm_rows):
-        rows = [r for r in arm_rows if r["guidance"] == guidance and r["method"] == method and r["n_runs"]]
-        if not rows:
-            continue
-        words = list(dict.fromkeys(r["word"] for r in sorted(rows, key=lambda r: (not r["seen"], r["cosine_gap"]))))
-        name = f"shares_g{guidance:g}_{method}.png"
-        plot_arms(rows, arms, words, out / name, f"{METHOD_NAMES.get(method, method)}, guidance {guidance:g}")
-        plots[(guidance, method)] = name
-    atomic_write_text(out / "shares.csv", compact_csv_text(run_rows, list(run_rows[0]) if run_rows else ["run"]))
-    arm_columns = [key for key in (arm_rows[0] if arm_rows else {"arm": None}) if key != "per_run"]
-    atomic_write_text(out / "arms.csv", compact_csv_text(arm_rows, arm_columns))
-    fit_columns = ("run", "arm", "jl_seed", "guidance", "method", "x", "n_words", "slope", "slope_ci_low",
-                   "slope_ci_high", "r2", "r2_ci_low", "r2_ci_high")
-    atomic_write_text(out / "regressions.csv", compact_csv_text(fit_rows, fit_columns))
-    atomic_write_text(out / "arm_regressions.csv", compact_csv_text(
-        arm_fits, ("arm", "guidance", "method", "x", "n_runs", "slope_mean", "slope_sd", "slope_min", "slope_max",
-                   "r2_mean", "r2_sd")))
-    write_report(out, audits, run_rows, arm_rows, fit_rows, arm_fits, plots)
-    print(f"combined {len(audits)} audits in {len(arms)} arm(s); wrote {out / 'report.md'}")
-    return {"arms": arms, "arm_rows": arm_rows, "arm_fits": arm_fits, "out": str(out)}
+    for guidance in guidances:
+        for method in methods:
+            if included:
+                name = f"regression_g{guidance:g}_{method}.png"
+                plot_regressions(included, arm_fits, guidance, method, out / name)
+                plots[("regression", guidance, method)] = name
+    if any(r["arm"] == "debiased" for r in included) and guidances:
+        plot_jl_shifts(shift_rows, included, 1.0 if 1.0 in guidances else guidances[0], "scoredecomp", out / "jl_shifts.png")
+        plots["jl"] = "jl_shifts.png"
+    if dose_points:
+        plot_dose(dose_points, out / "dose_response.png")
+        plots["dose"] = "dose_response.png"
+    homogeneity = [r["homogeneity_p"] for r in seen_runs if r["n_seeds"] > 1 and not math.isnan(r["homogeneity_p"])]
+    run_rows = [{"run": r["name"], "arm": r["arm"], "jl_seed": r["jl_seed"], "step": r["summary"]["run_step"],
+                 "k": r["summary"]["k"], "included": r in included, "controls_failed": "; ".join(r["failed"])}
+                for r in runs]
+    atomic_write_text(out / "runs.csv", compact_csv_text(run_rows, list(run_rows[0])))
+    for name, rows in (("seen.csv", seen_runs), ("seen_arms.csv", seen_arms), ("regressions.csv", fit_rows),
+                       ("contrasts.csv", contrast_rows), ("held_out.csv", held_rows), ("jl_shifts.csv", shift_rows),
+                       ("jl_shift_summary.csv", shift_summary), ("dose_slopes.csv", dose_slopes),
+                       ("dose_points.csv", dose_points), ("lipschitz.csv", lipschitz_rows)):
+        atomic_write_text(out / name, compact_csv_text(rows, list(rows[0]) if rows else ["empty"]))
+    ctx = dict(cfg=cfg, runs=runs, included=included, arms=list(dict.fromkeys(r["arm"] for r in runs)),
+               seen_arms=seen_arms, fit_rows=fit_rows, contrast_rows=contrast_rows, held_rows=held_rows,
+               shift_summary=shift_summary, dose_slopes=dose_slopes, lipschitz_rows=lipschitz_rows,
+               guidances=guidances, methods=methods, plots=plots,
+               min_homogeneity_p=min(homogeneity) if homogeneity else math.nan, n_homogeneity=len(homogeneity))
+    write_report(out, ctx)
+    print(f"[combine] {len(runs)} runs ({len(included)} pass their controls); wrote {out / 'report.md'}")
+    return {"runs": runs, "included": included, "seen_arms": seen_arms, "fits": fit_rows, "contrasts": contrast_rows,
+            "held_out": held_rows, "shift_summary": shift_summary, "out": str(out)}
 
 
 if __name__ == "__main__":

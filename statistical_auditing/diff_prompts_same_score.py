@@ -1,10 +1,15 @@
 """Cosine heat-maps of noise predictions across prompts and timesteps (ORIGINAL.md section 7).
 
 For every image x (labelled images, as in fairface.py; labels are not used), one noise draw
-eps per image (seeded by the image's id) is shared by every prompt and every k; for each k
-in --k_list the timestep is t = timesteps[-k] (k from the clean end) and the model predicts
-eps(x_t, t, p) for every prompt p (words for a from-scratch run, prompts for Stable
-Diffusion). Two similarity tables, each averaged over the images:
+eps per image (``scoring.image_noise``, keyed by the image id) is shared by every prompt and
+every k (the original drew new noise per timestep for the prompt table and per prompt for
+the timestep table); for each k in --k_list the timestep is t = timesteps[-k] (k from the
+clean end) of the scheduler's table after ``set_timesteps(--num_inference_steps)``: with
+SD's steps_offset 1, 1000 steps give t = k and the original heat-maps' --num_timesteps 100
+gives t = 10k - 9. The model predicts eps(x_t, t, p) for every prompt p (words for a
+from-scratch run, prompts for Stable Diffusion; --template builds them from the dataset's
+class names, e.g. "a blurry photo of a {class}." on CIFAR-10). Two similarity tables, each
+averaged over the images:
 
 - prompt x prompt, per k:     C_k[p, q] = cos(eps(x_t, t_k, p), eps(x_t, t_k, q));
 - timestep x timestep, per p: D_p[i, j] = cos(eps(x_t_i, t_i, p), eps(x_t_j, t_j, p)),
@@ -27,37 +32,26 @@ import torch
 
 from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.utils import (atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text,
-                                          progress_bar)
-from statistical_auditing import fairface as ff
-from statistical_auditing.labelled_images import FAIRFACE_HUB_ID, KINDS, images_to_tensor
-from statistical_auditing.score_models import ScoreModel
+                                          progress_bar, require_writable, writable_folder)
+from statistical_auditing import cli_common as cc
+from statistical_auditing.data_flags import (ATTRIBUTE, CLASSES, DATA, DATA_CHOICES, DATA_CONFIG,  # noqa: F401
+                                             IMAGE_COLUMN, IMAGES_ROOT, KIND, LABEL_COLUMN, RESIZE, SELECTION,
+                                             SIZE, SKIP_BAD, SPLIT, TEMPLATE)  # data-source flags, shared
+from statistical_auditing.model_flags import (DEVICE, DTYPE, MODEL, MODEL_CHOICES,  # noqa: F401
+                                              NUM_INFERENCE_STEPS, SCHEDULER)  # model flags, shared
+from statistical_auditing.score_interface import ScoreModel
+from statistical_auditing.scoring import batch_noise
 
-MODEL = "stabilityai/stable-diffusion-2-1"  # from-scratch run folder, or Stable Diffusion hub id / pipeline folder
-DATA = FAIRFACE_HUB_ID  # HF dataset id or save_to_disk folder, FairFace CSV, label CSV, or six-class dataset root
-KIND = "auto"  # data kind: auto | hf | fairface_csv | csv | sixclass
-ATTRIBUTE = "gender"  # label column the data source needs (not used here)
-DATA_CONFIG = "0.25"  # Hugging Face dataset config
-SPLIT = ""  # dataset split ("" = train for Hugging Face datasets, test for six-class data)
-IMAGES_ROOT = ""  # CSV kinds: folder the CSV's file paths are relative to ("" = the CSV's folder)
-LABEL_COLUMN = ""  # csv kind: label column ("" = --attribute)
-SIZE = ""  # six-class data: the <size> folder under the root ("" = the only one)
-SKIP_BAD = False  # skip unreadable images (noted on stderr) instead of stopping
-NUM_IMAGES = 100  # images averaged over (the original's --num_data)
-SELECTION = "first"  # which images: first (dataset order) | random (a seeded random subset)
-RESIZE = -1  # square side (-1 = family default: 512 for SD, the run's size for a pixel model; 0 = keep)
-PROMPTS = ""  # conditions compared, comma-separated ("|" when prompts contain commas); "" = base + gender candidates
+NUM_IMAGES = 100  # [1, inf) images averaged over (the original's --num_data)
+PROMPTS = ""  # conditions compared, separated by "," or "|" ("" = --template, else base + gender candidates)
 PROMPTS_FILE = ""  # or a file with one prompt / word per line (overrides --prompts)
-K_LIST = "5,20,100,500"  # comma-separated k: timestep = timesteps[-k], counted from the clean end
+K_LIST = "5,20,100,500"  # list of ints in [1, inf): comma-separated k: timestep = timesteps[-k], counted from the clean end
 TIMESTEPS_FILE = ""  # or a file with one k per line (overrides --k_list; the original's --timestep_list_file)
-SEED = 0  # base seed: each image's noise is seeded by (seed, image id)
-BATCH_SIZE = 8  # images per UNet call (times the number of prompts)
+SEED = 0  # [0, 2**63) base seed: image selection, and each image's noise (seeded by (seed, image id))
+BATCH_SIZE = 8  # [1, inf) images per UNet call (times the number of prompts)
 OUT = "runs/diff_prompts_same_score"  # output folder
-DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)
-DTYPE = "auto"  # Stable Diffusion only: auto | fp32 | fp16 | bf16
-SCHEDULER = "ddpm"  # Stable Diffusion only: ddpm | ddim | euler
 
-CHOICES = {"kind": KINDS, "selection": ("first", "random"), "dtype": ("auto", "fp32", "fp16", "bf16"),
-           "scheduler": ("ddpm", "ddim", "euler")}
+CHOICES = {**DATA_CHOICES, **MODEL_CHOICES}
 PRESETS = {"smoke": {"num_images": 2, "k_list": "5,50", "batch_size": 2}}
 
 
@@ -167,55 +161,56 @@ def heatmap_figure(matrices: Sequence[torch.Tensor], titles: Sequence[str], labe
     return path
 
 
-def resolve_prompts(cfg: dict, score_model: ScoreModel) -> list[str]:
+def resolve_prompts(cfg: dict, score_model: ScoreModel, images) -> list[str]:
+    """--prompts_file, else --prompts, else --template over the dataset's classes (--classes),
+    else the family's base and gender candidates."""
     if cfg["prompts_file"]:
-        prompts = ff.read_list_file(cfg["prompts_file"], "prompts_file")
+        prompts = cc.read_list_file(cfg["prompts_file"], "prompts_file")
     elif cfg["prompts"]:
-        prompts = ff.split_list(cfg["prompts"], "prompts")
+        prompts = cc.split_list(cfg["prompts"], "prompts")
+    elif cfg["template"]:
+        prompts = cc.template_prompts(cfg["template"], cc.resolve_classes(cfg, images))
     else:
-        base, candidates = ff.default_conditions(score_model, "gender")
+        base, candidates = cc.default_conditions(score_model, "gender")
         prompts = [base, *candidates]
     require(len(set(prompts)) == len(prompts), f"the prompts repeat one: {prompts}")
+    cc.check_conditions(score_model, prompts, "--prompts / --prompts_file / --template")
     return prompts
 
 
 def resolve_ks(cfg: dict) -> list[int]:
     if cfg["timesteps_file"]:
-        return ff.parse_k_list(",".join(ff.read_list_file(cfg["timesteps_file"], "timesteps_file")),
+        return cc.parse_k_list(",".join(cc.read_list_file(cfg["timesteps_file"], "timesteps_file")),
                                "timesteps_file")
-    return ff.parse_k_list(cfg["k_list"])
+    return cc.parse_k_list(cfg["k_list"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, description=__doc__.splitlines()[0],
                                 choices=CHOICES)
-    require(cfg["num_images"] >= 1, f"--num_images must be >= 1, got {cfg['num_images']}")
-    require(cfg["batch_size"] >= 1, f"--batch_size must be >= 1, got {cfg['batch_size']}")
     ks = resolve_ks(cfg)
-    score_model = ff.load_model(cfg)
-    timesteps = ff.timesteps_for(score_model, ks)  # a k outside the table stops here, before any image
-    prompts = resolve_prompts(cfg, score_model)
-    images = ff.open_data(cfg, score_model)
-    selected = ff.select_records(images, ff.selected_indices(len(images), cfg["num_images"], cfg["selection"],
+    require_writable(Path(cfg["out"]), "out")
+    score_model = cc.load_model(cfg)
+    timesteps = cc.timesteps_for(score_model, ks)  # a k outside the table stops here, before any image
+    images = cc.open_data(cfg, score_model)
+    prompts = resolve_prompts(cfg, score_model, images)
+    selected = cc.select_records(images, cc.selected_indices(len(images), cfg["num_images"], cfg["selection"],
                                                              cfg["seed"]))
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(cfg["out"]), "out")
     atomic_write_json(out / "config.json", cfg | {"prompts": prompts,
                                                   "timesteps": {str(k): t for k, t in timesteps.items()}})
 
     by_prompt, by_timestep = RunningMoments(), RunningMoments()
     progress = progress_bar(total=len(selected), desc="noise predictions", unit="image")
-    for start in range(0, len(selected), cfg["batch_size"]):
-        chunk = [(r, images.decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]
-        chunk = [(r, image) for r, image in chunk if image is not None]
+    for chunk, pixels, consumed in cc.decoded_batches(images, selected, cfg["batch_size"]):
         if chunk:
-            x0 = score_model.encode(images_to_tensor([image for _, image in chunk]))
-            noise = torch.stack([ff.image_noise(x0.shape[1:], cfg["seed"], r[1]) for r, _ in chunk])
+            x0 = score_model.encode(pixels)
+            noise = batch_noise(x0.shape[1:], cfg["seed"], [r[1] for r in chunk])
             prompt_sim, timestep_sim = similarities(batch_predictions(score_model, x0, noise,
                                                                       list(timesteps.values()), prompts))
             by_prompt.add(prompt_sim)
             by_timestep.add(timestep_sim)
-        progress.update(len(selected[start:start + cfg["batch_size"]]))
+        progress.update(consumed)
     progress.close()
     require(by_prompt.n > 0, f"--data {cfg['data']}: every selected image was unreadable")
 

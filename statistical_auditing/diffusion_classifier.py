@@ -8,7 +8,7 @@ estimates that expectation by Monte Carlo on evenly spaced timesteps with one no
 per timestep shared by every candidate (a paired comparison, so the noise's own variance
 cancels between candidates), and optionally prunes weak candidates in stages.
 
-It works only through the ``ScoreModel`` interface (score_models.py), so it runs on the
+It works only through the ``ScoreModel`` interface (score_interface.py), so it runs on the
 from-scratch pixel model and on Stable Diffusion alike; encoding is the caller's job.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from diffusion_from_scratch.cli import InputError
 from diffusion_from_scratch.utils import progress_bar
-from statistical_auditing.score_models import ScoreModel
+from statistical_auditing.score_interface import ScoreModel
+from statistical_auditing.scoring import decide
 
 ELBO_LOSSES = ("l2", "l1", "huber")
 
@@ -104,8 +105,9 @@ def elbo_classify(score_model: ScoreModel, x0: torch.Tensor, conditions: Sequenc
     eps_i ~ N(0, I) drawn once per timestep from a CPU ``torch.Generator`` seeded with
     ``seed``; the same eps_i is used for every candidate and every image, so results do not
     depend on how images are batched. score_k = -error_k, probs = softmax(scores), pred =
-    argmax. All candidates of one timestep go through one ``predict_eps`` call
-    (``batch_conditions=False`` makes one call per candidate, to save memory).
+    ``scoring.decide(scores)`` (argmax; -1 for an exact tie). All candidates of one timestep go
+    through one ``predict_eps`` call (``batch_conditions=False`` makes one call per candidate,
+    to save memory).
 
     ``prune_schedule`` [(n1, keep1), (n2, keep2), ...] (Li et al.'s adaptive evaluation):
     timesteps are visited in ``spread_order``; after n1 of them each image keeps its keep1
@@ -174,7 +176,7 @@ def elbo_classify(score_model: ScoreModel, x0: torch.Tensor, conditions: Sequenc
     return {
         "scores": scores,
         "probs": torch.softmax(scores, dim=1),
-        "pred": scores.argmax(dim=1),
+        "pred": decide(scores),
         "n_evals": n_evals,
         "mean_error": mean_error,
         "n_evaluated": n_evaluated,
@@ -187,30 +189,19 @@ def elbo_classify(score_model: ScoreModel, x0: torch.Tensor, conditions: Sequenc
 # Usage: python statistical_auditing/diffusion_classifier.py --model RUN_OR_SD --data DATA [flags];
 # the data, condition and model flags are those of fairface.py (see its docstring).
 
-MODEL = "stabilityai/stable-diffusion-2-1"  # from-scratch run folder, or Stable Diffusion hub id / pipeline folder
-DATA = "HuggingFaceM4/FairFace"  # HF dataset id or save_to_disk folder, FairFace CSV, label CSV, or six-class root
-KIND = "auto"  # data kind: auto | hf | fairface_csv | csv | sixclass
-ATTRIBUTE = "gender"  # label: gender | race (FairFace) | class (six-class data) | a CSV column
-DATA_CONFIG = "0.25"  # Hugging Face dataset config
-SPLIT = ""  # dataset split ("" = train for Hugging Face datasets, test for six-class data)
-IMAGES_ROOT = ""  # CSV kinds: folder the CSV's file paths are relative to ("" = the CSV's folder)
-LABEL_COLUMN = ""  # csv kind: label column ("" = --attribute)
-SIZE = ""  # six-class data: the <size> folder under the root ("" = the only one)
-SKIP_BAD = False  # skip unreadable images (noted on stderr) instead of stopping
-NUM_IMAGES = 250  # images classified
-SELECTION = "first"  # which images: first (dataset order) | random (a seeded random subset)
-RESIZE = -1  # square side (-1 = family default: 512 for SD, the run's size for a pixel model; 0 = keep)
-CANDIDATES = ""  # candidate conditions, candidate i <-> class i ("" = family default for --attribute)
-CLASSES = ""  # class labels the candidates stand for, in order ("" = the dataset's class order)
-N_SAMPLES = 100  # Monte-Carlo timesteps per image (Li et al. / the original: 100)
+from statistical_auditing.data_flags import (ATTRIBUTE, CLASSES, DATA, DATA_CHOICES, DATA_CONFIG,  # noqa: E402,F401
+                                             IMAGE_COLUMN, IMAGES_ROOT, KIND, LABEL_COLUMN, RESIZE, SELECTION,
+                                             SIZE, SKIP_BAD, SPLIT, TEMPLATE)  # data-source flags, shared
+from statistical_auditing.model_flags import DEVICE, DTYPE, MODEL, MODEL_CHOICES, SCHEDULER  # noqa: E402,F401
+
+NUM_IMAGES = 250  # [1, inf) images classified
+CANDIDATES = ""  # candidate conditions, candidate i <-> class i ("" = family default for --attribute, or --template)
+N_SAMPLES = 100  # [1, inf) Monte-Carlo timesteps per image (Li et al. / the original: 100)
 LOSS = "l2"  # prediction error: l2 | l1 | huber
 PRUNE = ""  # adaptive evaluation "n1:keep1,n2:keep2" (after n1 timesteps keep the keep1 best candidates, ...)
-SEED = 0  # seed of the shared noise draws (and of --selection random)
-BATCH_SIZE = 8  # images per UNet call (times the number of candidates)
+SEED = 0  # [0, 2**63) seed of the shared noise draws and of --selection random
+BATCH_SIZE = 8  # [1, inf) images per UNet call (times the number of candidates)
 OUT = "runs/diffusion_classifier"  # output folder: summary.csv, predictions.csv, confusion.csv, config.json
-DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)
-DTYPE = "auto"  # Stable Diffusion only: auto | fp32 | fp16 | bf16
-SCHEDULER = "ddpm"  # Stable Diffusion only: ddpm | ddim | euler
 
 
 def parse_prune(text: str) -> list[tuple[int, int]]:
@@ -228,72 +219,67 @@ def parse_prune(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Classify labelled images with ``elbo_classify``; print and write accuracy (95% Wilson CI)
-    and UNet evaluations per image."""
+    """Classify labelled images with ``elbo_classify``; print and write accuracy (95% Wilson CI;
+    an exact tie counts as wrong) and UNet evaluations per image."""
     import time
     from pathlib import Path
 
     from diffusion_from_scratch.cli import config_from_constants, constants_of, require
-    from diffusion_from_scratch.utils import atomic_write_json, atomic_write_text, csv_text
-    from statistical_auditing import fairface as ff
-    from statistical_auditing.labelled_images import KINDS, images_to_tensor
+    from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, csv_text, require_writable,
+                                              writable_folder)
+    from statistical_auditing import cli_common as cc
 
-    cfg = config_from_constants(constants_of(globals()), None, argv, choices={
-        "kind": KINDS, "selection": ("first", "random"), "loss": ELBO_LOSSES,
-        "dtype": ("auto", "fp32", "fp16", "bf16"), "scheduler": ("ddpm", "ddim", "euler")},
-        description="Zero-shot diffusion ELBO classifier on labelled images (Li et al. 2023).")
-    require(cfg["num_images"] >= 1, f"--num_images must be >= 1, got {cfg['num_images']}")
-    require(cfg["batch_size"] >= 1, f"--batch_size must be >= 1, got {cfg['batch_size']}")
-    require(cfg["n_samples"] >= 1, f"--n_samples must be >= 1, got {cfg['n_samples']}")
+    cfg = config_from_constants(constants_of(globals()), None, argv,
+                                choices={**DATA_CHOICES, **MODEL_CHOICES, "loss": ELBO_LOSSES},
+                                description="Zero-shot diffusion ELBO classifier on labelled images (Li et al. 2023).")
     prune = parse_prune(cfg["prune"])
-    score_model = ff.load_model(cfg)
-    _, candidates = ff.resolve_conditions(cfg | {"base": ""}, score_model, need_base=False)
+    require_writable(Path(cfg["out"]), "out")
+    score_model = cc.load_model(cfg)
+    images = cc.open_data(cfg, score_model)
+    classes = cc.resolve_classes(cfg, images)
+    _, candidates = cc.resolve_conditions(cfg, score_model, classes, need_base=False)
     try:  # a bad schedule fails before any image
         _check_schedule(prune, cfg["n_samples"], len(candidates))
     except InputError as error:
         raise InputError(f"--prune {cfg['prune']!r}: {error}") from None
-    images = ff.open_data(cfg, score_model)
-    classes = ff.resolve_classes(cfg, images, candidates)
-    selected = ff.select_records(images, ff.selected_indices(len(images), cfg["num_images"], cfg["selection"],
+    selected = cc.select_records(images, cc.selected_indices(len(images), cfg["num_images"], cfg["selection"],
                                                              cfg["seed"]), classes)
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(cfg["out"]), "out")
     atomic_write_json(out / "config.json", cfg | {"candidates": candidates, "classes": classes})
 
     predictions, seconds, evals = [], 0.0, 0
-    matrix = [[0] * len(classes) for _ in classes]
+    matrix = [[0] * (len(classes) + 1) for _ in classes]  # the last column counts ties (no call)
     progress = progress_bar(total=len(selected), desc="ELBO classifier", unit="image")
-    for start in range(0, len(selected), cfg["batch_size"]):
-        chunk = [(r, images.decode(r[1], r[2])) for r in selected[start:start + cfg["batch_size"]]]
-        chunk = [(r, image) for r, image in chunk if image is not None]
+    for chunk, pixels, consumed in cc.decoded_batches(images, selected, cfg["batch_size"]):
         if chunk:
-            x0 = score_model.encode(images_to_tensor([image for _, image in chunk]))
+            x0 = score_model.encode(pixels)
             began = time.perf_counter()
             result = elbo_classify(score_model, x0, candidates, n_samples=cfg["n_samples"], loss=cfg["loss"],
                                    seed=cfg["seed"], prune_schedule=prune)
             seconds += time.perf_counter() - began
-            for i, ((_, image_id, _, label), _) in enumerate(chunk):
+            for i, (_, image_id, _, label) in enumerate(chunk):
                 pred = int(result["pred"][i])
                 matrix[classes.index(label)][pred] += 1
                 evals += int(result["n_evals"][i])
-                predictions.append({"image_id": image_id, "label": label, "predicted": classes[pred],
-                                    "n_evals": int(result["n_evals"][i]),
+                predictions.append({"image_id": image_id, "label": label, "predicted": classes[pred] if pred >= 0
+                                    else "tie", "n_evals": int(result["n_evals"][i]),
                                     **{f"p_{c}": round(float(p), 6) for c, p in zip(classes, result["probs"][i])}})
-        progress.update(len(selected[start:start + cfg["batch_size"]]))
+        progress.update(consumed)
     progress.close()
     require(bool(predictions), f"--data {cfg['data']}: every selected image was unreadable")
     n = len(predictions)
-    row = ff.accuracy_row("elbo", "", "", cfg["n_samples"], sum(matrix[i][i] for i in range(len(classes))), n,
-                          seconds, evals)
-    atomic_write_text(out / "summary.csv", csv_text([row], ff.SUMMARY_COLUMNS))
+    row = cc.accuracy_row("elbo", "", "", cfg["n_samples"], sum(matrix[i][i] for i in range(len(classes))), n,
+                          seconds, evals, ties=sum(r[-1] for r in matrix))
+    atomic_write_text(out / "summary.csv", csv_text([row], cc.SUMMARY_COLUMNS))
     atomic_write_text(out / "predictions.csv", csv_text(
         predictions, ["image_id", "label", "predicted", "n_evals"] + [f"p_{c}" for c in classes]))
-    atomic_write_text(out / "confusion.csv", ff.confusion_text(matrix, classes))
+    atomic_write_text(out / "confusion.csv", cc.confusion_text(matrix, classes))
     print(f"ELBO classifier ({cfg['n_samples']} timesteps, {cfg['loss']}"
           + (f", prune {cfg['prune']}" if prune else "") + f"): accuracy {row['accuracy']:.3f} "
           f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (95% Wilson, n={n}), {row['evals_per_image']:g} UNet "
           f"evaluations and {row['seconds_per_image']:.4f} s per image; results in {out}")
-    return {"row": row, "confusion": matrix, "classes": classes, "predictions": predictions}
+    return {"row": row, "confusion": matrix, "classes": classes, "predictions": predictions,
+            "candidates": candidates}
 
 
 if __name__ == "__main__":

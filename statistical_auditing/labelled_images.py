@@ -4,8 +4,9 @@ Every source is a ``LabelledImages``: iterating yields ``(image_id, image, label
 PIL RGB image and a label string from ``classes``. Sources:
 
 - ``HuggingFaceImages``: a Hugging Face dataset, by Hub id (``HuggingFaceM4/FairFace``,
-  configs "0.25" / "1.25") or a folder written by ``save_to_disk``; integer labels are
-  mapped through the column's ClassLabel names;
+  configs "0.25" / "1.25"; CIFAR-10-style datasets with any image and label column) or a
+  folder written by ``save_to_disk``; integer labels are mapped through the column's
+  ClassLabel names, other labels are used as strings;
 - ``FairFaceCSV``: the original FairFace release, a label CSV with columns
   ``file,age,gender,race,service_test`` whose ``file`` paths are relative to an image folder;
 - ``CSVImages``: any image folder plus a CSV with a file column and a label column;
@@ -24,13 +25,14 @@ import abc
 import csv
 import io
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
 
 from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.utils import DATA_DIR, load_class_words
+from diffusion_from_scratch.utils import DATA_DIR, load_class_words, read_text_file, to_rgb8
 from statistical_auditing.sd_models import looks_like_path
 
 CLASS_WORDS = DATA_DIR / "class_words.json"
@@ -76,20 +78,49 @@ class UnreadableImage(InputError):
         self.image_id, self.reason = image_id, reason
 
 
-def decode_image(image_id: str, source: Any) -> Image.Image:
-    """An RGB PIL image from a path, bytes, or a ``datasets`` Image(decode=False) value."""
+def _opened(source: Any) -> Any:
+    """What ``Image.open`` takes for a path, bytes, or a ``datasets`` Image(decode=False) value."""
+    if isinstance(source, dict):
+        data, path = source.get("bytes"), source.get("path")
+        source = io.BytesIO(data) if data else path
+        if source is None:
+            raise OSError("the record holds neither image bytes nor a path")
+    elif isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    return source
+
+
+def check_header(image_id: str, source: Any) -> None:
+    """Read only the image's header (cheap): an unreadable file, or one claiming more pixels than
+    Pillow's decompression-bomb limit, raises UnreadableImage before any work is done on it."""
     try:
-        if isinstance(source, dict):
-            data, path = source.get("bytes"), source.get("path")
-            source = io.BytesIO(data) if data else path
-            if source is None:
-                raise OSError("the record holds neither image bytes nor a path")
-        elif isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        with Image.open(source) as opened:
-            return opened.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(_opened(source)):
+                pass
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(image_id, f"the image claims an enormous size ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
         raise UnreadableImage(image_id, f"{type(error).__name__}: {error}") from None
+
+
+def decode_image(image_id: str, source: Any) -> Image.Image:
+    """An 8-bit RGB PIL image from a path, bytes, or a ``datasets`` Image(decode=False) value
+    (any mode or bit depth through ``utils.to_rgb8``). An image whose header claims more pixels
+    than Pillow's decompression-bomb limit is refused before it is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(_opened(source)) as opened:
+                opened.load()
+                image = to_rgb8(opened, image_id)
+                return opened.copy() if image is opened else image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(image_id, f"the image claims an enormous size ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImage(image_id, f"{type(error).__name__}: {error}") from None
+    except InputError as error:  # a mode without a defined intensity range (to_rgb8)
+        raise UnreadableImage(image_id, str(error)) from None
 
 
 class LabelledImages(abc.ABC):
@@ -213,7 +244,8 @@ class HuggingFaceImages(LabelledImages):
         dataset = load_hf_dataset(source, config, split)
         missing = [c for c in (image_column, attribute) if c not in dataset.column_names]
         if missing:
-            raise InputError(f"dataset {source}: no column(s) {', '.join(missing)}; it has {', '.join(dataset.column_names)}")
+            raise InputError(f"dataset {source}: no column(s) {', '.join(missing)}; it has "
+                             f"{', '.join(dataset.column_names)} (choose with --image_column / --label_column)")
         feature = dataset.features[attribute]
         self.attribute = attribute
         self.image_column = image_column
@@ -242,10 +274,13 @@ class HuggingFaceImages(LabelledImages):
 def _read_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not csv_path.is_file():
         raise InputError(f"no such label CSV {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
+    text = read_text_file(csv_path, "a label CSV")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = list(reader)
-        return [c.strip() for c in (reader.fieldnames or [])], rows
+    except csv.Error as error:
+        raise InputError(f"{csv_path}: not a readable label CSV ({error})") from None
+    return [c.strip() for c in (reader.fieldnames or [])], rows
 
 
 class CSVImages(LabelledImages):
@@ -388,13 +423,16 @@ def detect_kind(source: str) -> str:
 def open_labelled_images(source: str = FAIRFACE_HUB_ID, kind: str = "auto", attribute: str = "gender", *,
                          config: str | None = "0.25", split: str | None = None,
                          images_root: str | None = None, label_column: str | None = None,
-                         size: int | str | None = None, class_words: str | Path = CLASS_WORDS,
-                         resize: int = 512, skip_bad: bool = False, limit: int | None = None) -> LabelledImages:
+                         image_column: str = "image", size: int | str | None = None,
+                         class_words: str | Path = CLASS_WORDS, resize: int = 512, skip_bad: bool = False,
+                         limit: int | None = None) -> LabelledImages:
     """Open any supported source; ``kind`` "auto" decides from what ``source`` is.
 
     ``attribute`` is the label (gender, race, ... ; "class" for the six-class data);
-    ``label_column`` overrides it for a plain CSV. ``split`` defaults to "train" for Hugging
-    Face datasets (as the original's FairFace run) and "test" for the six-class data.
+    ``label_column`` overrides it for a plain CSV and a Hugging Face dataset, whose images
+    are in ``image_column`` (e.g. CIFAR-10 on the Hub: image column "img", label column
+    "label", a ClassLabel). ``split`` defaults to "train" for Hugging Face datasets (as the
+    original's FairFace run) and "test" for the six-class data.
     """
     if kind not in KINDS:
         raise InputError(f"unknown image source kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -402,7 +440,8 @@ def open_labelled_images(source: str = FAIRFACE_HUB_ID, kind: str = "auto", attr
         kind = detect_kind(source)
     options = dict(resize=resize, skip_bad=skip_bad, limit=limit)
     if kind == "hf":
-        return HuggingFaceImages(source, config=config, split=split or "train", attribute=attribute, **options)
+        return HuggingFaceImages(source, config=config, split=split or "train", attribute=label_column or attribute,
+                                 image_column=image_column, **options)
     if kind == "fairface_csv":
         return FairFaceCSV(source, images_root, attribute=attribute, **options)
     if kind == "csv":

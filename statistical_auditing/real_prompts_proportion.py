@@ -34,7 +34,7 @@ import torch
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, csv_text, load_word_list,
-                                          progress_bar)
+                                          progress_bar, require_writable, writable_folder)
 from statistical_auditing.labelled_images import UnreadableImage, decode_image, load_hf_dataset
 from statistical_auditing.sd_models import SDTextEncoder, load_hf_model, resolve_device
 from statistical_auditing.stats import linear_fit_with_bootstrap, plot_regression, proportion_summary
@@ -50,16 +50,16 @@ GENERATOR_COLUMN = "model"  # column naming the text-to-image system that made e
 GENERATOR = "auto"  # value of that column to keep: auto (derived from --model), all (no filter) or a name
 IMAGE_COLUMN = "image"  # column with the images
 PROFESSIONS = str(DATA_DIR / "professions.txt")  # profession list, one per line
-IMAGES_PER_PROFESSION = 50  # first N images of each profession (the original: 50)
+IMAGES_PER_PROFESSION = 50  # [1, inf) first N images of each profession (the original: 50)
 PROMPT_TEMPLATE = "a photo of a {}"  # base prompt; {} is the profession
 MAN_WORD = "man"  # appended as ", man"
 WOMAN_WORD = "woman"  # appended as ", woman"
 SKIP_BAD = False  # skip unreadable images (with a note) instead of stopping
 DEVICE = ""  # torch device ("" = accelerator if available, else cpu)
 DTYPE = "auto"  # text encoder precision: auto, fp32, fp16, bf16 (half precisions need an accelerator)
-CLIP_BATCH_SIZE = 32  # images per CLIP forward
-N_BOOT = 1000  # bootstrap resamples for the regression intervals
-SEED = 0  # bootstrap seed
+CLIP_BATCH_SIZE = 32  # [1, inf) images per CLIP forward
+N_BOOT = 1000  # [1, inf) bootstrap resamples for the regression intervals
+SEED = 0  # [0, 2**63) bootstrap seed
 OUT_DIR = "runs/real_prompts_proportion"  # output folder
 
 CHOICES = {"dtype": ("auto", "fp32", "fp16", "bf16")}
@@ -309,14 +309,16 @@ def report_text(cfg: dict, generator: str | None, rows: list[dict[str, Any]], fi
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, description=__doc__.split("\n")[0],
                                 choices=CHOICES)
-    require(cfg["images_per_profession"] >= 1, "--images_per_profession must be >= 1")
-    require(cfg["clip_batch_size"] >= 1, "--clip_batch_size must be >= 1")
     require("{}" in cfg["prompt_template"], "--prompt_template needs a {} where the profession goes")
+    try:
+        cfg["prompt_template"].format("profession")
+    except (IndexError, KeyError, ValueError) as error:
+        raise InputError(f"--prompt_template: expected a text with one {{}} (write other braces as {{{{ }}}}), got "
+                         f"{cfg['prompt_template']!r} ({type(error).__name__}: {error})") from None
     professions = list(dict.fromkeys(load_word_list(Path(cfg["professions"]))))
     device = resolve_device(cfg["device"] or None)
     out_dir = Path(cfg["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", cfg)
+    require_writable(out_dir, "out_dir")
 
     dataset = load_professions_dataset(cfg)  # first: a missing dataset should fail before any model loads
     chosen, generator = collect_images(dataset, professions, cfg)
@@ -324,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output, notes = measure_output_bias(chosen, cfg, device)
 
     rows = [{"profession": p, **output[p], **embedding[p]} for p in professions]
+    writable_folder(out_dir, "out_dir")
+    atomic_write_json(out_dir / "config.json", cfg)
     atomic_write_text(out_dir / "per_profession.csv", csv_text(rows, CSV_COLUMNS))
     fits, fit_notes = fit_variants(rows, cfg, out_dir)
     notes += fit_notes

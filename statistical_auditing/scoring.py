@@ -1,16 +1,26 @@
-"""ScoreDecomp on batches of images, and its gender accuracy on labelled images.
+"""ScoreDecomp on batches of images: the one implementation, the one seeding rule, the one tie rule.
 
-``scoredecomp_weights`` is ScoreDecomp (ORIGINAL.md section 4, DESIGN.md "ScoreDecomp")
-for a batch: one noise draw per image, x_t = add_noise(x0, noise, t_k), then the model's
-noise predictions for the base condition and every candidate at that same (x_t, t_k) in
-one ``predict_eps`` call, decomposed by ``score_decomp``. With method "simplex" the
-result is the model's view of the mixture: eps(x_t, base) ~ sum_k w_k eps(x_t, c_k),
-w >= 0, sum w = 1.
+``scoredecomp_scores`` is ScoreDecomp (ORIGINAL.md section 4, DESIGN.md "ScoreDecomp") for a
+batch at one timestep: x_t = add_noise(x0, noise, t), then the model's noise predictions for
+the base condition and every candidate at that same (x_t, t) in one ``predict_eps`` call,
+decomposed by ``utils_classifier.score_decomp``. With method "simplex" the result is the
+model's view of the mixture: eps(x_t, base) ~ sum_k w_k eps(x_t, c_k), w >= 0, sum w = 1.
+Every script (fairface.py, diff_prompts_same_score.py, the audit, the benches) goes through it.
 
-``gender_accuracy_by_k`` is the control that every audit runs first: on images with a
-known gender, how often does ScoreDecomp (base "person", candidates "man" / "woman")
-name it, for each k (timestep counted from the clean end). Every k sees the same noise
-per image (common random numbers), so differences between k are not noise-draw luck.
+Seeding: an image's noise is ``image_noise(shape, seed, key)``, drawn from a generator seeded
+``derived_seed(seed, key)``; the key names the image (fairface.py and the audit's accuracy
+control: the image id, e.g. "man/0003.png" in the six-class test split; the audit's samples:
+f"{tag}/{i}"), so an image gets the same draw whatever its batch, shard, k or rerun.
+
+Ties: ``decide`` names the candidate with the largest score, or none (-1) where several share
+the largest score exactly. An accuracy counts such a tie as wrong (n = all images); a share
+of a population leaves ties out as undecided (n = decided images).
+
+``gender_accuracy_by_k`` is the control that every audit runs first: on images with a known
+gender, how often does ScoreDecomp (base "person", candidates "man" / "woman") name it, and
+how well does its margin separate the genders (AUC), for each k (timestep counted from the
+clean end). Every k sees the same noise per image (common random numbers), so differences
+between k are not noise-draw luck.
 """
 from __future__ import annotations
 
@@ -20,75 +30,77 @@ import torch
 
 from diffusion_from_scratch.cli import InputError
 from diffusion_from_scratch.utils import derived_seed, progress_bar
-from statistical_auditing.score_models import ScoreModel
-from statistical_auditing.stats import wilson_interval
+from statistical_auditing.score_interface import ScoreModel
+from statistical_auditing.stats import binary_auc, wilson_interval
 from statistical_auditing.utils_classifier import score_decomp
 
-Seeds = int | torch.Generator | Sequence[int] | torch.Tensor
+
+def image_noise(shape: Sequence[int], seed: int, key: str) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` (one image, no batch dimension), float32 on the CPU, from a
+    ``torch.Generator`` seeded ``derived_seed(seed, key)``: the same (seed, key) always gives
+    the same draw, whatever the batch, shard or rerun."""
+    generator = torch.Generator().manual_seed(derived_seed(int(seed), str(key)))
+    return torch.randn(tuple(int(s) for s in shape), generator=generator, dtype=torch.float32)
 
 
-def draw_noise(shape: Sequence[int], seed_or_generator: Seeds) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (B, ...) on the CPU, float32.
-
-    An int seeds one generator for the batch; a ``torch.Generator`` is used as is; a
-    sequence of B ints gives each image its own generator, so an image's noise does not
-    depend on which batch it is in (results invariant to the batch size).
-    """
-    shape = tuple(int(s) for s in shape)
-    if isinstance(seed_or_generator, torch.Generator):
-        return torch.randn(shape, generator=seed_or_generator, dtype=torch.float32)
-    if isinstance(seed_or_generator, int) and not isinstance(seed_or_generator, bool):
-        return torch.randn(shape, generator=torch.Generator().manual_seed(seed_or_generator), dtype=torch.float32)
-    seeds = [int(s) for s in (seed_or_generator.tolist() if torch.is_tensor(seed_or_generator) else seed_or_generator)]
-    if len(seeds) != shape[0]:
-        raise ValueError(f"got {len(seeds)} per-image seeds for a batch of {shape[0]} images")
-    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32)
-                        for s in seeds]) if seeds else torch.zeros(shape)
+def batch_noise(shape_per_image: Sequence[int], seed: int, keys: Sequence[str]) -> torch.Tensor:
+    """``image_noise`` of every key, stacked: (len(keys), *shape_per_image)."""
+    if not keys:
+        raise ValueError("batch_noise needs at least one key")
+    return torch.stack([image_noise(shape_per_image, seed, key) for key in keys])
 
 
 @torch.no_grad()
-def scoredecomp_weights(score_model: ScoreModel, x0: torch.Tensor, base: str, candidates: Sequence[str], k: int,
-                        seed_or_generator: Seeds, method: str = "simplex") -> torch.Tensor:
-    """ScoreDecomp scores (B, K) of ``candidates`` for each clean model-space image of ``x0``.
+def scoredecomp_scores(score_model: ScoreModel, x0: torch.Tensor, timestep: int, noise: torch.Tensor, base: str,
+                       candidates: Sequence[str], method: str = "simplex", p: int = 2, pca_components: int = 2,
+                       pca_normalize: bool = True) -> torch.Tensor:
+    """ScoreDecomp scores (B, K), float64 on the CPU, of ``candidates`` for each image of ``x0``.
 
-    t = score_model.timestep_for_k(k) (k steps from the clean end; InputError outside the
-    table); x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n with n ~ N(0, I) drawn by
-    ``draw_noise``; y = eps(x_t, base), X_k = eps(x_t, c_k) from one ``predict_eps`` call
-    over [base] + candidates; scores = ``score_decomp(y, X, method)``. For "simplex" these
-    are the weights of min ||sum_k w_k X_k - y||_2 s.t. w >= 0, sum w = 1 (float64, CPU).
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise at t = ``timestep`` for every image;
+    y = eps(x_t, t, base), X_k = eps(x_t, t, c_k) from one ``predict_eps`` call over
+    [base] + candidates (1 + K evaluations per image); scores = ``score_decomp(y, X, method,
+    p, pca_components, pca_normalize)``. For "simplex" these are the weights of
+    min ||sum_k w_k X_k - y||_2 s.t. w >= 0, sum w = 1. ``noise`` has x0's shape (e.g.
+    ``batch_noise``); the timestep is usually ``score_model.timestep_for_k(k)``.
     """
     candidates = list(candidates)
     if not candidates:
         raise InputError("ScoreDecomp needs at least one candidate condition")
     if x0.ndim < 2 or len(x0) == 0:
         raise InputError(f"x0 must be a non-empty batch (B, ...) of model-space images; got shape {tuple(x0.shape)}")
-    t_value = score_model.timestep_for_k(int(k))
-    noise = draw_noise(x0.shape, seed_or_generator).to(device=x0.device, dtype=x0.dtype)
-    t = torch.full((len(x0),), t_value, dtype=torch.long, device=x0.device)
-    x_t = score_model.add_noise(x0, noise, t)
-    eps = score_model.predict_eps(x_t, t, [base] + candidates)
-    return score_decomp(eps[:, 0], eps[:, 1:], method=method).cpu()
+    if tuple(noise.shape) != tuple(x0.shape):
+        raise ValueError(f"noise {tuple(noise.shape)} must have x0's shape {tuple(x0.shape)}")
+    t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
+    x_t = score_model.add_noise(x0, noise.to(device=x0.device, dtype=x0.dtype), t)
+    eps = score_model.predict_eps(x_t, t, [base, *candidates])
+    return score_decomp(eps[:, 0], eps[:, 1:], method, p=p, pca_components=pca_components,
+                        pca_normalize=pca_normalize).double().cpu()
+
+
+def decide(scores: torch.Tensor) -> torch.Tensor:
+    """The candidate each row of ``scores`` (B, K) names: argmax_k scores[b, k], or -1 where the
+    largest score is shared by several candidates (an exact tie names no candidate).
+
+    The one tie rule of the project: an accuracy counts -1 as wrong; a share of a population
+    leaves -1 out as undecided.
+    """
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"scores must be a (B, K) tensor with K >= 1; got shape {tuple(scores.shape)}")
+    top = scores.max(dim=1, keepdim=True).values
+    unique = (scores == top).sum(dim=1) == 1
+    return torch.where(unique, scores.argmax(dim=1), torch.full_like(unique, -1, dtype=torch.long))
 
 
 def calls_from_weights(weights: torch.Tensor, index: int) -> tuple[int, int, float]:
-    """Count images whose weight on candidate ``index`` is the largest of the row.
+    """Share of a population: images that ``decide`` assigns to candidate ``index``.
 
-    Returns (successes, n, mean weight on ``index``). Rows where the largest weight is
-    shared (an exact tie, e.g. identical predictions) name no candidate and are left out of
-    n; the mean weight is over all rows.
+    Returns (successes, n, mean weight on ``index``): n counts the decided images (ties are
+    left out as undecided); the mean weight is over all rows.
     """
     if weights.ndim != 2 or weights.shape[0] == 0:
         raise ValueError(f"weights must be a non-empty (B, K) tensor; got shape {tuple(weights.shape)}")
-    top = weights.max(dim=1, keepdim=True).values
-    winners = weights == top
-    decided = winners.sum(dim=1) == 1
-    successes = int((decided & winners[:, index]).sum())
-    return successes, int(decided.sum()), float(weights[:, index].double().mean())
-
-
-def image_seeds(seed: int, tag: str, count: int, start: int = 0) -> list[int]:
-    """Per-image noise seeds ``derived_seed(seed, tag, i)`` for images start..start+count-1."""
-    return [derived_seed(seed, tag, i) for i in range(start, start + count)]
+    calls = decide(weights)
+    return int((calls == index).sum()), int((calls >= 0).sum()), float(weights[:, index].double().mean())
 
 
 def choose_k(rows: Sequence[dict]) -> int:
@@ -99,18 +111,43 @@ def choose_k(rows: Sequence[dict]) -> int:
 
 
 @torch.no_grad()
-def gender_accuracy_by_k(score_model: ScoreModel, images: torch.Tensor, labels: Sequence[str], k_list: Sequence[int],
-                         base: str = "person", candidates: Sequence[str] = ("man", "woman"),
+def scores_by_k(score_model: ScoreModel, images: torch.Tensor, image_ids: Sequence[str], k_list: Sequence[int],
+                base: str, candidates: Sequence[str], seed: int = 0, batch_size: int = 64,
+                progress: bool = True) -> dict[int, torch.Tensor]:
+    """ScoreDecomp weights (N, K) of every image at every k: {k: scores}.
+
+    ``images``: (N, 3, H, W) in [0, 1], encoded with ``score_model.encode``; image i's noise is
+    ``image_noise(shape, seed, image_ids[i])`` at every k, so the same image, seed and k give
+    the same scores here and in fairface.py. Every k is checked before any work.
+    """
+    if len(images) != len(image_ids):
+        raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
+    timesteps = {int(k): score_model.timestep_for_k(int(k)) for k in k_list}
+    scores: dict[int, list[torch.Tensor]] = {k: [] for k in timesteps}
+    starts = range(0, len(images), batch_size)
+    for start in progress_bar(starts, desc="ScoreDecomp (batches x every k)", disable=not progress):
+        x0 = score_model.encode(images[start:start + batch_size])
+        noise = batch_noise(x0.shape[1:], seed, list(image_ids[start:start + len(x0)]))
+        for k, t in timesteps.items():
+            scores[k].append(scoredecomp_scores(score_model, x0, t, noise, base, candidates))
+    return {k: torch.cat(parts) for k, parts in scores.items()}
+
+
+@torch.no_grad()
+def gender_accuracy_by_k(score_model: ScoreModel, images: torch.Tensor, labels: Sequence[str],
+                         image_ids: Sequence[str], k_list: Sequence[int], base: str = "person",
+                         candidates: Sequence[str] = ("man", "woman"),
                          candidate_labels: Sequence[str] = ("male", "female"), seed: int = 0, batch_size: int = 64,
                          progress: bool = True) -> list[dict]:
-    """ScoreDecomp accuracy on labelled images for each k, with 95% Wilson intervals.
+    """ScoreDecomp accuracy and AUC on labelled images for each k, with 95% Wilson intervals.
 
-    ``images``: (N, 3, H, W) in [0, 1] (encoded with ``score_model.encode``); ``labels``:
-    one of ``candidate_labels`` per image. Image i gets the noise of seed
-    ``derived_seed(seed, "accuracy", i)`` at every k. The prediction is the candidate with
-    the largest simplex weight (``calls_from_weights``; exact ties count as wrong).
-    accuracy = correct / N. Returns one dict per k: k, t, n, correct, accuracy, ci_low,
-    ci_high, mean_weight_true (mean weight on the true candidate).
+    ``images``: (N, 3, H, W) in [0, 1]; ``labels``: one of ``candidate_labels`` per image;
+    ``image_ids``: the keys of the images' noise (``scores_by_k``). The call is ``decide``:
+    accuracy = correct / N, an exact tie counting as wrong. For two candidates the AUC of the
+    margin score_1 - score_0 (e.g. w_woman - w_man) for class 1 is reported beside it
+    (``stats.binary_auc``; None for other K or when a class is absent). Returns one dict per
+    k: k, t, n, correct, accuracy, ci_low, ci_high, auc, mean_weight_true (mean weight on the
+    true candidate).
     """
     if len(images) == 0:
         raise InputError("no labelled images to measure ScoreDecomp accuracy on")
@@ -120,30 +157,15 @@ def gender_accuracy_by_k(score_model: ScoreModel, images: torch.Tensor, labels: 
     if unknown:
         raise InputError(f"labels {unknown} are not among the candidate labels {list(candidate_labels)}")
     truth = torch.tensor([list(candidate_labels).index(label) for label in labels])
-    for k in k_list:  # every k checked before any work
-        score_model.timestep_for_k(int(k))
-    seeds = image_seeds(seed, "accuracy", len(images))
-    correct = {int(k): 0 for k in k_list}
-    weight_true = {int(k): 0.0 for k in k_list}
-    steps = [(int(k), start) for start in range(0, len(images), batch_size) for k in k_list]
-    x0_cache: tuple[int, torch.Tensor] | None = None
-    for k, start in progress_bar(steps, desc="ScoreDecomp accuracy (k x batches)", disable=not progress):
-        if x0_cache is None or x0_cache[0] != start:
-            x0_cache = (start, score_model.encode(images[start:start + batch_size]))
-        x0 = x0_cache[1]
-        weights = scoredecomp_weights(score_model, x0, base, candidates, k, seeds[start:start + len(x0)])
-        top = weights.max(dim=1, keepdim=True).values
-        unique_top = (weights == top).sum(dim=1) == 1
-        predicted = weights.argmax(dim=1)
-        batch_truth = truth[start:start + len(x0)]
-        correct[k] += int(((predicted == batch_truth) & unique_top).sum())
-        weight_true[k] += float(weights.gather(1, batch_truth[:, None]).sum())
+    by_k = scores_by_k(score_model, images, image_ids, k_list, base, candidates, seed, batch_size, progress)
     rows = []
     n = len(images)
-    for k in k_list:
-        k = int(k)
-        low, high = wilson_interval(correct[k], n)
-        rows.append({"k": k, "t": score_model.timestep_for_k(k), "n": n, "correct": correct[k],
-                     "accuracy": correct[k] / n, "ci_low": low, "ci_high": high,
-                     "mean_weight_true": weight_true[k] / n})
+    for k, scores in by_k.items():
+        correct = int((decide(scores) == truth).sum())
+        low, high = wilson_interval(correct, n)
+        auc = binary_auc((scores[:, 1] - scores[:, 0]).tolist(), (truth == 1).tolist()) \
+            if scores.shape[1] == 2 else None
+        rows.append({"k": k, "t": score_model.timestep_for_k(k), "n": n, "correct": correct,
+                     "accuracy": correct / n, "ci_low": low, "ci_high": high, "auc": auc,
+                     "mean_weight_true": float(scores.gather(1, truth[:, None]).mean())})
     return rows

@@ -31,7 +31,7 @@ import torch
 
 from diffusion_from_scratch import utils
 from diffusion_from_scratch.cli import InputError
-from statistical_auditing.score_models import ScoreModel, to_epsilon
+from statistical_auditing.score_interface import DEFAULT_INFERENCE_STEPS, ScoreModel, timestep_table, to_epsilon
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -191,35 +191,6 @@ def build_scheduler(folder: Path, kind: str = "ddpm") -> Any:
     return classes[kind].from_config(config)
 
 
-def timestep_table(scheduler: Any, num_inference_steps: int | None = None) -> torch.Tensor:
-    """The integer timestep table (descending) the auditing methods index with ``timesteps[-k]``.
-
-    ``None`` keeps every training timestep (T-1, ..., 0), the table a fresh scheduler has
-    before ``set_timesteps``: k then counts training steps from the clean end, as the
-    original's ``timesteps[-k]`` did. (``set_timesteps(T)`` is not used for that: with SD's
-    ``steps_offset=1`` it would yield T, ..., 1, an index past the end of alphas_cumprod.)
-    Otherwise ``set_timesteps(n)``; Euler's default "linspace" spacing gives fractional
-    timesteps, which have no alphas_cumprod entry, so Euler switches to "leading" spacing.
-    """
-    n_train = int(scheduler.config.num_train_timesteps)
-    if num_inference_steps is None or num_inference_steps == n_train:
-        return torch.arange(n_train - 1, -1, -1, dtype=torch.long)
-    if not 1 <= num_inference_steps <= n_train:
-        raise InputError(f"--num_inference_steps: {num_inference_steps} is outside 1..{n_train} "
-                         f"(the scheduler's num_train_timesteps)")
-    scheduler.set_timesteps(num_inference_steps)
-    table = scheduler.timesteps
-    if not torch.equal(table, table.round()) and hasattr(scheduler, "sigmas"):
-        scheduler.register_to_config(timestep_spacing="leading")
-        scheduler.set_timesteps(num_inference_steps)
-        table = scheduler.timesteps
-    table = table.round().long()
-    if int(table.max()) >= n_train or int(table.min()) < 0:
-        raise InputError(f"the scheduler's table for {num_inference_steps} steps leaves 0..{n_train - 1}: "
-                         f"{table.tolist()[:3]}...; choose another --num_inference_steps")
-    return table
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -355,12 +326,14 @@ class SDTextEncoder:
 class StableDiffusionScoreModel(ScoreModel):
     """``ScoreModel`` over a Stable Diffusion pipeline (latent space, prompt conditions).
 
-    ``timesteps``: see ``timestep_table``; ``alphas_cumprod``: the scheduler's (float32, CPU).
+    ``timesteps``: ``timestep_table(scheduler, num_inference_steps)`` (the original's
+    ``set_timesteps(1000)`` by default: 1000, ..., 1 with SD's steps_offset 1, so k -> t = k);
+    ``alphas_cumprod``: the scheduler's (float32, CPU).
     ``encode_counts`` counts text-encoder passes per prompt (each prompt once per object).
     ``unet_batch_size`` (None = everything in one call) caps the B*K rows per UNet call.
     """
 
-    def __init__(self, components: SDComponents, num_inference_steps: int | None = None,
+    def __init__(self, components: SDComponents, num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
                  unet_batch_size: int | None = None):
         for part in PIPELINE_PARTS:
             if getattr(components, part) is None:
@@ -376,7 +349,8 @@ class StableDiffusionScoreModel(ScoreModel):
         if self.prediction_type not in PREDICTION_TYPES:
             raise InputError(f"{components.folder}: scheduler prediction_type {self.prediction_type!r} is not "
                              f"supported; expected one of {', '.join(PREDICTION_TYPES)}")
-        self.timesteps = timestep_table(self.scheduler, num_inference_steps)
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = timestep_table(self.scheduler, self.num_inference_steps)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.detach().float().cpu()
         self.unet_batch_size = unet_batch_size
         self.encode_counts: collections.Counter[str] = collections.Counter()
@@ -385,11 +359,18 @@ class StableDiffusionScoreModel(ScoreModel):
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: str = "auto", scheduler: str = "ddpm",
-                        device: str | torch.device | None = None, num_inference_steps: int | None = None,
+                        device: str | torch.device | None = None,
+                        num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
                         unet_batch_size: int | None = None) -> "StableDiffusionScoreModel":
         """Load ``model`` (Hub id or folder); see ``load_sd_components`` and ``timestep_table``."""
         components = load_sd_components(model, dtype=dtype, scheduler=scheduler, device=device)
         return cls(components, num_inference_steps=num_inference_steps, unet_batch_size=unet_batch_size)
+
+    def identity(self) -> dict:
+        """The pipeline folder (for a Hub id, the cache snapshot, whose name is the revision),
+        the scheduler class and the precision: what the noise predictions depend on."""
+        return {"family": "stable-diffusion", "folder": str(Path(self.components.folder).resolve()),
+                "scheduler": type(self.scheduler).__name__, "dtype": str(self.dtype).replace("torch.", "")}
 
     # -- images -> latents
     @torch.no_grad()

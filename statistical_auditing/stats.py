@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -58,6 +57,56 @@ def proportion_summary(successes: int, n: int, level: float = 0.95) -> dict:
     low, high = wilson_interval(successes, n, level)
     return {"share": int(successes) / int(n), "low": low, "high": high, "n": int(n),
             "successes": int(successes), "level": level}
+
+
+def binary_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for the ``positive`` class (Hanley & McNeil 1982).
+
+    AUC = P(score of a random positive > score of a random negative) + 1/2 P(equal), i.e.
+    the Mann-Whitney U statistic over n_pos * n_neg:
+
+        AUC = (#{(i, j): s_i > s_j} + 1/2 #{(i, j): s_i = s_j}) / (n_pos n_neg),  i positive, j negative.
+
+    None when either class is absent. Threshold-free: it says whether the scores separate
+    the classes even when a shifted decision threshold (a biased model) spoils the accuracy.
+    Computed from ranks (mid-ranks for ties) in O(n log n).
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    pos = np.asarray(positive, dtype=bool).ravel()
+    if s.shape != pos.shape:
+        raise ValueError(f"got {s.size} scores for {pos.size} labels")
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = _scipy_stats.rankdata(s)  # mid-ranks: a tie between a positive and a negative counts 1/2
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def calibrated_threshold(margins: Sequence[float], positives: Sequence[bool]) -> float:
+    """The threshold on a margin that maximises accuracy on labelled images.
+
+    An image is called positive when its margin is > the threshold. The accuracy is constant
+    between consecutive distinct margins u_1 < ... < u_m, so one threshold per interval is
+    tried: the midpoints (u_i + u_(i+1)) / 2, plus u_1 - 1 (every image positive) and
+    u_m + 1 (none positive). Among the thresholds of highest accuracy the one nearest 0 is
+    returned (0 is the argmax call of a two-candidate margin), the smaller one if two are
+    equally near. ``margins`` e.g. score_female - score_male of held-out images whose
+    ``positives`` say which are female.
+    """
+    m = np.asarray(margins, dtype=np.float64).ravel()
+    pos = np.asarray(positives, dtype=bool).ravel()
+    if m.shape != pos.shape:
+        raise ValueError(f"got {m.size} margins for {pos.size} labels")
+    if m.size == 0:
+        raise ValueError("calibrated_threshold needs at least one labelled margin")
+    if not np.isfinite(m).all():
+        raise ValueError("margins must be finite")
+    u = np.unique(m)
+    candidates = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2.0, [u[-1] + 1.0]])
+    correct = ((m[None, :] > candidates[:, None]) == pos[None, :]).sum(axis=1)
+    best = candidates[correct == correct.max()]
+    return float(min(best, key=lambda c: (abs(c), c)))
 
 
 def _fit_arrays(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -123,18 +172,16 @@ def linear_fit_with_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: in
 
 
 def _save_figure_atomically(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure as PNG to a temporary file beside ``path``, then rename."""
+    """Save a matplotlib figure as PNG beside ``path`` and rename it into place
+    (``utils.atomic_write_bytes``: the file gets the mode the umask gives, as any plain write)."""
+    import io
+
+    from diffusion_from_scratch.utils import atomic_write_bytes
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -268,13 +268,17 @@ def _flatten_pair(eps_base: torch.Tensor, eps_candidates: torch.Tensor,
 
 
 def pca_coordinates(eps_base: torch.Tensor, eps_candidates: torch.Tensor, components: int = 2,
-                    normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the K+1 predictions in the coordinates of their top principal components.
 
-    Z = [y; x_1; ...; x_K] (K+1 rows), centred over its rows (Pearson 1901, PCA); with
-    ``normalize`` each feature is also divided by its standard deviation over the rows
-    (as scikit-learn's StandardScaler; zero-variance features are left unscaled). With
-    Zc Zc^T = U diag(s^2) U^T, the scores on the top c components are U[:, :c] diag(s[:c]).
+    As the original's ``pca_linear_program``: Z = [y; x_1; ...; x_K] (K+1 rows of D) is
+    centred over its rows (Z - mean of the rows); with ``normalize`` (the original's default)
+    each row is then divided by its L2 norm (``torch.nn.functional.normalize``; a zero row
+    stays zero); the principal components are those of the result, centred again (what
+    ``torch.pca_lowrank``, center=True, computes: Pearson 1901). With Zc Zc^T = U diag(s^2) U^T
+    the scores on the top c components are U[:, :c] diag(s[:c]). The original projected
+    the uncentred rows, Z V[:, :c]: that differs from these scores by one translation shared
+    by all K+1 points, which leaves the simplex weights computed from them unchanged.
     Returns (base (B, c), candidates (B, K, c)).
     """
     y, X = _flatten_pair(eps_base, eps_candidates)
@@ -284,8 +288,8 @@ def pca_coordinates(eps_base: torch.Tensor, eps_candidates: torch.Tensor, compon
     Z = torch.cat([y[:, None], X], dim=1)
     Z = Z - Z.mean(dim=1, keepdim=True)
     if normalize:
-        std = Z.pow(2).mean(dim=1, keepdim=True).sqrt()
-        Z = Z / torch.where(std > 0, std, torch.ones_like(std))
+        Z = torch.nn.functional.normalize(Z, dim=-1)
+        Z = Z - Z.mean(dim=1, keepdim=True)
     evals, evecs = torch.linalg.eigh(Z @ Z.transpose(1, 2))  # ascending eigenvalues
     top = torch.arange(K, K - components, -1, device=Z.device)
     coords = evecs[:, :, top] * evals[:, top].clamp_min(0).sqrt()[:, None, :]
@@ -293,7 +297,7 @@ def pca_coordinates(eps_base: torch.Tensor, eps_candidates: torch.Tensor, compon
 
 
 def score_decomp(eps_base: torch.Tensor, eps_candidates: torch.Tensor, method: str = "simplex", p: int = 2,
-                 pca_components: int = 2, pca_normalize: bool = False) -> torch.Tensor:
+                 pca_components: int = 2, pca_normalize: bool = True) -> torch.Tensor:
     """Scores (B, K), float64, of each candidate for each image; higher means more of it.
 
     eps_base: (B, ...) noise prediction under the base prompt; eps_candidates: (B, K, ...)
@@ -307,7 +311,10 @@ def score_decomp(eps_base: torch.Tensor, eps_candidates: torch.Tensor, method: s
     - "cosine": <y, x_k> / (||y|| ||x_k||).
     - "lp": -||y - x_k||_p for an integer p >= 1.
     - "pca": the simplex weights computed in the coordinates of the top ``pca_components``
-      principal components of the K+1 predictions of each image (``pca_coordinates``).
+      principal components of the K+1 predictions of each image, centred and (``pca_normalize``,
+      the original's default) L2-normalised row by row (``pca_coordinates``).
+
+    Which candidate the scores name (and what a tie means) is ``scoring.decide``.
     """
     if method == "simplex":  # the solver converts to float64 chunk by chunk
         y, X = _flatten_pair(eps_base, eps_candidates, float64=False)
@@ -330,10 +337,5 @@ def score_decomp(eps_base: torch.Tensor, eps_candidates: torch.Tensor, method: s
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(SCORE_METHODS)}")
 
 
-def predict_labels(scores: torch.Tensor) -> torch.Tensor:
-    """Predicted candidate index per image: argmax_k scores[:, k]."""
-    return scores.argmax(dim=-1)
-
-
-__all__ = ["simplex_least_squares", "score_decomp", "pca_coordinates", "predict_labels",
-           "SCORE_METHODS", "MAX_CANDIDATES", "frank_wolfe_gap"]
+__all__ = ["simplex_least_squares", "score_decomp", "pca_coordinates", "SCORE_METHODS", "MAX_CANDIDATES",
+           "frank_wolfe_gap"]

@@ -78,7 +78,7 @@ def test_stable_diffusion_heatmaps(tmp_path_factory, tmp_path):
     rows = _rows(out / "prompt_similarity.csv")
     assert len(rows) == 2 * 3 * 3 and {r["n"] for r in rows} == {"3"}
     assert rows[1]["prompt_b"] == "photo of a person's face, man" and rows[0]["mean_cosine"] == "1.0"
-    assert {r["timestep"] for r in rows} == {"4", "49"}
+    assert {r["timestep"] for r in rows} == {"5", "50"}  # SD's steps_offset 1 at 1000 steps: k -> t = k
     time_rows = _rows(out / "timestep_similarity.csv")
     assert len(time_rows) == 3 * 2 * 2
     assert all(abs(float(r["mean_cosine"])) <= 1 + 1e-9 for r in rows + time_rows)

@@ -93,6 +93,10 @@ def test_shared_noise_and_seed_make_decisions_deterministic():
     # The same condition twice sees the same noise, hence exactly the same score.
     twice = elbo_classify(model, x0, ["cat", "dog", "cat"], n_samples=10, seed=3)
     assert torch.equal(twice["scores"][:, 0], twice["scores"][:, 2])
+    # ... so where "cat" beats "dog", the tie between its two copies names no class (scoring.decide)
+    cat_wins = elbo_classify(model, x0, ["cat", "dog"], n_samples=10, seed=3)["pred"] == 0
+    assert 0 < int(cat_wins.sum()) < 6
+    assert twice["pred"].tolist() == [-1 if wins else 1 for wins in cat_wins.tolist()]
     # Noise is shared across images too, so an image's result does not depend on its batch.
     alone = elbo_classify(model, x0[2:3], names, n_samples=10, seed=3)
     assert torch.allclose(alone["scores"][0], a["scores"][2], atol=1e-6)

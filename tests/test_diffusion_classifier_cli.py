@@ -7,7 +7,9 @@ import pytest
 
 from diffusion_from_scratch.cli import InputError
 from statistical_auditing import diffusion_classifier as dc
+from statistical_auditing.stats import wilson_interval
 from test_fairface import cli_error, fairface_csv_folder, tiny_sd_folder
+
 
 def _rows(path):
     with open(path, newline="") as handle:
@@ -33,9 +35,12 @@ def test_pixel_model_with_pruning(smoke_run, small_dataset, tmp_path, capsys):
     (row,) = _rows(out / "summary.csv")
     # 2 candidates on the first 2 timesteps, then the 1 survivor on the other 2
     assert row["method"] == "elbo" and row["budget"] == "4" and float(row["evals_per_image"]) == 6
-    assert float(row["ci_low"]) <= float(row["accuracy"]) <= float(row["ci_high"])
     predictions = _rows(out / "predictions.csv")
     assert len(predictions) == 4 and {p["label"] for p in predictions} <= {"male", "female"}
+    # accuracy and its interval from the per-image predictions, computed independently
+    correct = sum(p["predicted"] == p["label"] for p in predictions)
+    assert float(row["accuracy"]) == pytest.approx(correct / 4)
+    assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx(wilson_interval(correct, 4), abs=1e-6)
     assert all(sorted((p["p_male"], p["p_female"])) == ["0.0", "1.0"] for p in predictions)  # pruned -> 0
 
 

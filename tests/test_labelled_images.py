@@ -136,6 +136,27 @@ def test_saved_hf_dataset_class_labels(tmp_path):
         open_labelled_images(str(folder), attribute="age")
 
 
+def test_saved_hf_dataset_with_other_image_and_label_columns(tmp_path):
+    """CIFAR-10 on the Hub: images in "img", labels in a ClassLabel "label"; string labels also work."""
+    datasets = pytest.importorskip("datasets")
+    pictures = [Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)) for i in range(3)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"]),
+                                  "kind": datasets.Value("string")})
+    data = datasets.Dataset.from_dict({"img": pictures, "label": [1, 0, 1], "kind": ["wild", "pet", "pet"]},
+                                      features=features)
+    folder = tmp_path / "cifar_like"
+    data.save_to_disk(str(folder))  # a Dataset (state.json), not a DatasetDict
+    source = open_labelled_images(str(folder), label_column="label", image_column="img", resize=4)
+    assert source.classes == ["cat", "dog"]
+    items = list(source)
+    assert [(i, lab) for i, _, lab in items] == [("train/0", "dog"), ("train/1", "cat"), ("train/2", "dog")]
+    assert items[1][1].getpixel((0, 0)) == (40, 40, 40) and items[1][1].size == (4, 4)
+    strings = open_labelled_images(str(folder), label_column="kind", image_column="img", resize=0)
+    assert strings.classes == ["pet", "wild"] and [lab for _, _, lab in strings] == ["wild", "pet", "pet"]
+    with pytest.raises(InputError, match=r"no column\(s\) image; .*--image_column"):
+        open_labelled_images(str(folder), label_column="label")
+
+
 def test_hub_dataset_offline_gives_clear_error():
     # a subprocess, because datasets reads HF_HUB_OFFLINE when it is imported
     code = ("from statistical_auditing.labelled_images import open_labelled_images\n"
@@ -196,3 +217,48 @@ def test_images_to_tensor_by_hand():
     assert batch[0].min() == 1.0 and batch[1, 0].min() == 1.0 and batch[1, 1:].max() == 0.0
     with pytest.raises(InputError, match="different sizes"):
         images_to_tensor([white, Image.new("RGB", (2, 2))])
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_claiming_an_enormous_size_is_refused_from_its_header(tmp_path):
+    from statistical_auditing.labelled_images import UnreadableImage, check_header, decode_image
+
+    bomb = tmp_path / "big.png"
+    bomb.write_bytes(_png_claiming(100_000, 100_000))  # above Pillow's error limit
+    warning_sized = tmp_path / "large.png"
+    warning_sized.write_bytes(_png_claiming(10_000, 10_000))  # between its warning and error limits
+    for path in (bomb, warning_sized):
+        for read in (check_header, decode_image):
+            with pytest.raises(UnreadableImage, match="claims an enormous size"):
+                read(path.name, path)
+    with pytest.raises(UnreadableImage, match="claims an enormous size"):
+        decode_image("bytes", bomb.read_bytes())
+
+
+def test_sixteen_bit_images_decode_to_their_grey_levels(tmp_path):
+    from statistical_auditing.labelled_images import decode_image
+
+    values = np.array([[0, 32768], [65535, 257]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    decoded = np.asarray(decode_image("deep.png", path))
+    assert decoded.shape == (2, 2, 3)
+    assert decoded[..., 0].tolist() == [[0, 128], [255, 1]]  # not all white
+
+
+def test_a_label_csv_that_is_not_utf8_names_the_file(tmp_path):
+    from statistical_auditing.labelled_images import open_labelled_images
+
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("file,label\ncaf\xe9.png,male\n".encode("latin-1"))
+    with pytest.raises(InputError, match="labels.csv: expected a label CSV in UTF-8 text"):
+        open_labelled_images(str(labels), kind="csv")

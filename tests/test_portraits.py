@@ -63,3 +63,36 @@ def test_batch_tensor_input_matches_pil_input():
     image = render_portrait(truth, np.random.default_rng(1), 32)
     tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
     assert measure_attributes(tensor) == measure_attributes(image) == [{"hair": "short", "scene": "library"}]
+
+
+def _portrait(corner_rgb, clothes_rgb, hair_rows=0):
+    """A 32 px image: background colour, a clothes patch at the bottom, optional hair rows at the top."""
+    image = np.full((32, 32, 3), 150, dtype=np.uint8)
+    image[:, :] = corner_rgb
+    image[26:, 8:24] = clothes_rgb
+    if hair_rows:
+        image[4:4 + hair_rows, 12:20] = 20
+    return image
+
+
+def test_scene_needs_background_and_clothes_to_agree():
+    gray, scrubs, tweed = (128, 128, 128), (60, 110, 190), (135, 112, 82)
+    neutral, hospital, library = (150, 150, 148), (190, 222, 228), (125, 82, 52)
+    calls = [measure_attributes(_portrait(bg, cl))[0]["scene"]
+             for bg, cl in ((neutral, gray), (hospital, scrubs), (library, tweed))]
+    assert calls == ["neutral", "hospital", "library"]
+    # hybrids: a brown wall behind a gray shirt, a pale blue wall without scrubs
+    assert measure_attributes(_portrait(library, gray))[0]["scene"] == "unclear"
+    assert measure_attributes(_portrait(hospital, gray))[0]["scene"] == "unclear"
+    # a background tint between the bands (R - B = 20: neither neutral <= 10 nor library >= 30)
+    assert measure_attributes(_portrait((160, 150, 140), tweed))[0]["scene"] == "unclear"
+
+
+def test_hair_between_the_bands_is_unclear():
+    background, clothes = (150, 150, 148), (128, 128, 128)
+    # 8 hair rows x 8 columns: span 7/32 = 0.22 (between 0.20 and 0.30), cover 64/1024 = 6.25% (> 6%)
+    assert measure_attributes(_portrait(background, clothes, hair_rows=8))[0]["hair"] == "unclear"
+    # 14 rows but only 2 columns: a long span with too little hair to be long hair (2.7% < 4.5%)
+    image = _portrait(background, clothes)
+    image[4:18, 15:17] = 20
+    assert measure_attributes(image)[0]["hair"] == "unclear"

@@ -66,14 +66,22 @@ def test_half_precision_is_refused_on_cpu():
         resolve_dtype("fp8", torch.device("cpu"))
 
 
-def test_v_to_eps_by_hand():
+def test_to_epsilon_by_hand_for_each_prediction_type():
     # abar = 0.64: sqrt(abar) = 0.8, sqrt(1 - abar) = 0.6; x0 = 1, eps = 2
     # x_t = 0.8 + 1.2 = 2.0; v = 0.8 * 2 - 0.6 * 1 = 1.0; eps = 0.8 * v + 0.6 * x_t = 2.0
     abar = torch.tensor([0.5, 0.64])
     x_t, t = torch.tensor([[2.0]]), torch.tensor([1])
+    assert torch.equal(to_epsilon(torch.tensor([[2.0]]), x_t, t, abar, "epsilon"), torch.tensor([[2.0]]))
     assert torch.allclose(to_epsilon(torch.tensor([[1.0]]), x_t, t, abar, "v_prediction"), torch.tensor([[2.0]]))
     # x0-prediction 1.0 implies eps = (2.0 - 0.8) / 0.6 = 2.0
     assert torch.allclose(to_epsilon(torch.tensor([[1.0]]), x_t, t, abar, "sample"), torch.tensor([[2.0]]))
+    # (B, K) outputs against a (B,) x_t: each candidate column converted with its image's x_t and t.
+    # image 0 at t = 0 (abar 0.5, sqrt = 0.70711), x_t = 1: v = 1 -> 0.70711 + 0.70711 = 1.41421, v = 0 -> 0.70711
+    out = to_epsilon(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), abar,
+                     "v_prediction")
+    assert torch.allclose(out, torch.tensor([[1.41421, 0.70711], [2.0, 1.2]]), atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        to_epsilon(torch.tensor([[1.0]]), x_t, t, abar, "flow")
 
 
 def test_eps_to_v_and_back_is_identity():
@@ -90,30 +98,52 @@ def test_eps_to_v_and_back_is_identity():
     assert torch.allclose(to_epsilon(x0, x_t, t, abar, "sample"), eps, atol=1e-3)
 
 
-def test_v_prediction_config_converts_the_raw_output(pipelines, model):
-    """Same weights, v config: predict_eps = sqrt(abar) * raw + sqrt(1 - abar) * x_t."""
+def test_v_prediction_config_matches_diffusers_own_reading_of_v(pipelines, model):
+    """Same weights, v config: the raw UNet output read as v. diffusers' DDPMScheduler.step reads
+    it as x0_hat (its pred_original_sample); the epsilon we return must close the forward
+    process with it: x_t = sqrt(abar) x0_hat + sqrt(1 - abar) eps."""
     v_model = StableDiffusionScoreModel.from_pretrained(str(pipelines["v"]), dtype="fp32", device="cpu")
     assert v_model.prediction_type == "v_prediction"
     x_t, t = noisy_latents(model, k=300)
-    raw = model.predict_eps(x_t, t, PROMPTS[:2])  # the epsilon model returns the raw UNet output
-    converted = v_model.predict_eps(x_t, t, PROMPTS[:2])
-    abar = model.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
-    expected = abar.sqrt() * raw + (1 - abar).sqrt() * x_t.unsqueeze(1)
-    assert torch.allclose(converted, expected, atol=1e-5)
+    raw = model.predict_eps(x_t, t, PROMPTS[:1])[:, 0]  # the epsilon config returns the raw UNet output
+    converted = v_model.predict_eps(x_t, t, PROMPTS[:1])[:, 0]
+    x0_hat = v_model.scheduler.step(raw[:1], int(t[0]), x_t[:1]).pred_original_sample
+    abar = float(v_model.alphas_cumprod[t[0]])
+    assert torch.allclose(abar ** 0.5 * x0_hat + (1 - abar) ** 0.5 * converted[:1], x_t[:1], atol=1e-5)
     assert not torch.allclose(converted, raw, atol=1e-3)
 
 
-def test_k_to_timestep(pipelines, model):
-    assert model.timestep_for_k(1) == 0 and model.timestep_for_k(5) == 4
-    assert model.timestep_for_k(len(model.timesteps)) == 999
-    for k in (0, len(model.timesteps) + 1):
-        with pytest.raises(InputError, match="k="):
+def test_k_to_timestep_is_the_originals(model):
+    """set_timesteps(1000) with SD's steps_offset 1 ("leading"): the table is 1000, ..., 1, so
+    k = 5 is t = 5 (as the original's timesteps[-5]); k = 1000 would be t = 1000, past the
+    training timesteps 0..999, and is refused."""
+    assert model.num_inference_steps == 1000 and len(model.timesteps) == 1000
+    assert [model.timestep_for_k(k) for k in (1, 5, 20, 999)] == [1, 5, 20, 999]
+    with pytest.raises(InputError, match=r"^k=1000 is outside the timestep table: expected 1 <= k <= 999 "
+                                         r"\(timesteps\[-1000\] = 1000"):
+        model.timestep_for_k(1000)
+    for k in (0, 1001):
+        with pytest.raises(InputError, match=f"k={k} is outside the timestep table: expected 1 <= k <= 999"):
             model.timestep_for_k(k)
-    # 50 inference steps with SD's steps_offset=1: 981, ..., 21, 1
-    fifty = StableDiffusionScoreModel(model.components, num_inference_steps=50)
-    assert len(fifty.timesteps) == 50 and fifty.timestep_for_k(1) == 1 and fifty.timestep_for_k(2) == 21
+    # the heat-map script's --num_timesteps 100: k -> t = 10k - 9
+    hundred = StableDiffusionScoreModel(model.components, num_inference_steps=100)
+    assert [hundred.timestep_for_k(k) for k in (1, 2, 5, 100)] == [1, 11, 41, 991]
     with pytest.raises(InputError, match="num_inference_steps"):
         StableDiffusionScoreModel(model.components, num_inference_steps=5000)
+
+
+def test_each_scheduler_takes_the_pipelines_spacing_and_offset(pipelines):
+    """Every --scheduler is built from the pipeline's scheduler config, here SD's "leading"
+    spacing with steps_offset 1 (as a diffusers save writes it): at the original's 1000 steps
+    the table is 1000, ..., 1 for DDPM, DDIM and Euler, at 100 steps 991, 981, ..., 1.
+    (Euler's own "linspace" default, e.g. for SD 2.1's config, is checked in test_score_interface.py.)"""
+    config = json.loads((Path(pipelines["eps"]) / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["steps_offset"], config["timestep_spacing"]) == (1, "leading")
+    for kind in ("ddpm", "ddim", "euler"):
+        for n, expected in ((1000, list(range(1000, 0, -1))), (100, list(range(991, 0, -10)))):
+            loaded = StableDiffusionScoreModel.from_pretrained(str(pipelines["eps"]), dtype="fp32", device="cpu",
+                                                               scheduler=kind, num_inference_steps=n)
+            assert loaded.timesteps.dtype == torch.long and loaded.timesteps.tolist() == expected, (kind, n)
 
 
 def test_each_prompt_is_encoded_once(model):
@@ -157,16 +187,6 @@ def test_euler_scale_model_input_maps_its_sample_to_our_x_t(pipelines):
     euler_sample = x_t / abar.sqrt()
     scaled = scheduler.scale_model_input(euler_sample, torch.tensor(float(t)))
     assert torch.allclose(scaled, x_t, atol=1e-5)
-
-
-def test_euler_and_ddim_paths_run_and_agree_with_ddpm(pipelines, model):
-    x_t, t = noisy_latents(model, k=20)
-    reference = model.predict_eps(x_t, t, PROMPTS[:2])
-    for kind in ("euler", "ddim"):
-        other = StableDiffusionScoreModel.from_pretrained(str(pipelines["eps"]), dtype="fp32", device="cpu",
-                                                          scheduler=kind, num_inference_steps=50)
-        assert other.timesteps.dtype == torch.long and len(other.timesteps) == 50
-        assert torch.allclose(other.predict_eps(x_t, t, PROMPTS[:2]), reference, atol=1e-5)
 
 
 def test_text_embeddings(model, pipelines):

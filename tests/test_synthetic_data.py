@@ -138,3 +138,15 @@ def test_stable_diffusion_source_with_a_tiny_pipeline(tmp_path):
     run_script(SCRIPT, *args[:5], str(again), *args[6:])
     _, mismatch, _ = filecmp.cmpfiles(out, again, [str(p) for p in png_files(out)], shallow=False)
     assert not mismatch, "same seeds must give the same Stable Diffusion images"
+
+
+def test_a_16_bit_source_image_is_saved_as_its_8_bit_values(tmp_path):
+    """A source that returns 16-bit greyscale (mode I;16) must not be written white."""
+    import numpy as np
+
+    from diffusion_from_scratch.synthetic_data import save_image
+
+    image = Image.fromarray(np.array([[0, 32768], [65535, 257]], dtype=np.uint16))
+    save_image(image, tmp_path, {"2": "2/train/man/000000.png"})
+    with Image.open(tmp_path / "2/train/man/000000.png") as saved:
+        assert saved.mode == "RGB" and np.asarray(saved)[..., 0].tolist() == [[0, 128], [255, 1]]

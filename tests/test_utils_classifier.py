@@ -6,7 +6,7 @@ import torch
 from scipy.optimize import minimize
 
 from statistical_auditing import utils_classifier as uc
-from statistical_auditing.utils_classifier import predict_labels, score_decomp, simplex_least_squares
+from statistical_auditing.utils_classifier import score_decomp, simplex_least_squares
 
 
 def _t(rows):
@@ -202,20 +202,59 @@ def test_pca_recovers_weights_of_data_that_live_in_a_plane():
     X = plane_X @ Q.T + offset
     y = plane_y @ Q.T + offset
     expected = simplex_least_squares(plane_X, plane_y)
-    assert torch.allclose(score_decomp(y, X, method="pca", pca_components=2), expected, atol=1e-8)
+    plain = dict(method="pca", pca_normalize=False)
+    assert torch.allclose(score_decomp(y, X, pca_components=2, **plain), expected, atol=1e-8)
     # One component keeps only the main direction, which in general changes the answer.
-    assert not torch.allclose(score_decomp(y, X, method="pca", pca_components=1), expected, atol=1e-3)
-    normalized = score_decomp(y, X, method="pca", pca_normalize=True)
-    assert torch.isfinite(normalized).all() and torch.allclose(normalized.sum(-1), torch.ones(6, dtype=torch.float64))
+    assert not torch.allclose(score_decomp(y, X, pca_components=1, **plain), expected, atol=1e-3)
     with pytest.raises(ValueError, match="pca_components"):
         score_decomp(y, X, method="pca", pca_components=5)
 
 
-def test_score_decomp_shapes_and_predict_labels():
+def _original_pca_weights(y, X, dim=2):
+    """The original's pca_linear_program for one image, step by step: stack, subtract the mean
+    row, L2-normalise each row (torch.nn.functional.normalize), torch.pca_lowrank, project the
+    rows on V[:, :dim], then the simplex program (here scipy's SLSQP instead of cvxpy)."""
+    rows = torch.cat([y[None], X]).flatten(start_dim=1).clone()
+    rows -= rows.mean(dim=0)[None, :]
+    rows = torch.nn.functional.normalize(rows)
+    torch.manual_seed(0)
+    _, _, V = torch.pca_lowrank(rows)
+    projected = (rows @ V[:, :dim]).numpy()
+    weights, _ = _slsqp(projected[1:].T, projected[0])
+    return weights
+
+
+def _numpy_pca_weights(y, X, dim=2):
+    """The same from numpy's SVD of the hand-normalised rows."""
+    rows = np.concatenate([y[None], X]).reshape(len(X) + 1, -1)
+    rows = rows - rows.mean(axis=0)
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    rows = rows - rows.mean(axis=0)
+    _, _, vt = np.linalg.svd(rows, full_matrices=False)
+    projected = rows @ vt[:dim].T
+    weights, _ = _slsqp(projected[1:].T, projected[0])
+    return weights
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_pca_normalisation_is_the_originals(K):
+    g = torch.Generator().manual_seed(20 + K)
+    # candidates of very different lengths, so that normalising the rows matters
+    X = torch.randn(5, K, 3, 4, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 4.0, 0.5, 2.0][:K]).view(
+        1, K, 1, 1, 1)
+    y = 0.6 * X[:, 0] + 0.4 * X[:, 1] + 0.3 * torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    ours = score_decomp(y, X, method="pca")  # the defaults: 2 components, rows normalised
+    for b in range(5):
+        assert np.allclose(ours[b].numpy(), _original_pca_weights(y[b], X[b]), atol=1e-6)
+        assert np.allclose(ours[b].numpy(), _numpy_pca_weights(y[b].numpy(), X[b].numpy()), atol=1e-6)
+    # the normalisation changes the answer (so the comparison above can fail)
+    assert not torch.allclose(ours, score_decomp(y, X, method="pca", pca_normalize=False), atol=1e-3)
+
+
+def test_score_decomp_shapes():
     eps_b = torch.randn(3, 4, 8, 8)
     eps_c = torch.randn(3, 2, 4, 8, 8)
     for method in uc.SCORE_METHODS:
         assert score_decomp(eps_b, eps_c, method=method).shape == (3, 2)
     with pytest.raises(ValueError, match="does not match"):
         score_decomp(torch.randn(3, 4, 8, 7), eps_c)
-    assert predict_labels(torch.tensor([[0.2, 0.8], [0.9, 0.1]])).tolist() == [1, 0]

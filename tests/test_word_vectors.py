@@ -213,15 +213,96 @@ def test_hard_debias_removes_the_nurse_gap():
     assert W.embedding_bias("philosopher")["cosine_gap"] < -0.1
 
 
-def test_embedding_bias_after_projection_uses_the_projected_vectors():
-    matrix = W.jl_matrix(300, 128, seed=0)
-    report = W.embedding_bias("philosopher", jl_matrix=matrix)
-    table, _ = W.word_table(["philosopher", "woman", "man"], jl_seed=0)
-    assert report["rule"] == W.RULE_WORD
-    assert report["cos_woman_jl"] == pytest.approx(W.cosine(table[0], table[1]), abs=1e-6)
-    assert report["cosine_gap_jl"] == pytest.approx(W.cosine_gap(*table), abs=1e-6)
+def test_embedding_bias_after_projection_by_an_independent_computation():
+    # Independent of project(): normalise with numpy, multiply by the matrix, take cosines by hand.
+    matrix = W.jl_matrix(300, 128, seed=0).astype(np.float64)
+    wv = W.load_word_vectors()
+    raw = {w: wv.vector(w).astype(np.float64) for w in ("philosopher", "woman", "man")}
+    seen = {w: (v / np.sqrt((v * v).sum())) @ matrix for w, v in raw.items()}
+
+    def cos_by_hand(a, b):
+        return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    report = W.embedding_bias("philosopher", jl_matrix=matrix.astype(np.float32))
+    assert report["rule"] == W.RULE_WORD and report["debias"] == "none"
+    assert report["cos_woman_jl"] == pytest.approx(cos_by_hand(seen["philosopher"], seen["woman"]), abs=1e-5)
+    assert report["cosine_gap_jl"] == pytest.approx(cos_by_hand(seen["philosopher"], seen["woman"])
+                                                    - cos_by_hand(seen["philosopher"], seen["man"]), abs=1e-5)
+    assert report["cosine_gap"] == pytest.approx(cos_by_hand(raw["philosopher"], raw["woman"])
+                                                 - cos_by_hand(raw["philosopher"], raw["man"]), abs=1e-6)
     assert set(W.embedding_bias("nurse")) == {"word", "source", "debias", "rule", "cos_woman", "cos_man",
                                               "cosine_gap", "gender_projection"}
+
+
+def test_debias_modes_and_their_aliases():
+    assert [W.debias_mode(v) for v in (False, True, "none", "hard", "projected", "after_jl")] == \
+        ["none", "hard", "none", "hard", "projected", "projected"]
+    with pytest.raises(W.InputError, match="--debias"):
+        W.debias_mode("sideways")
+
+
+def test_toy_projected_debias_makes_every_neutral_word_exactly_neutral_after_the_projection():
+    # Identity "projection" in the toy's 3 dims, then a random one: either way, after the
+    # projected-space debias a neutral word has the same cosine with woman and man, and woman
+    # and man differ only along the projected gender direction.
+    wv = W.WordVectors("toy", *_toy_vectors())
+    for matrix in (np.eye(3, dtype=np.float32), np.random.default_rng(0).normal(0, 1, (3, 3)).astype(np.float32)):
+        table = W.conditioning_table(["nurse", "woman", "man", "king"], wv, matrix, "projected")
+        np.testing.assert_allclose(np.linalg.norm(table, axis=1), 1, atol=1e-6)
+        assert W.cosine_gap(table[0], table[1], table[2]) == pytest.approx(0, abs=1e-6)
+        g = W.projected_gender_direction(wv, matrix)
+        difference = table[1] - table[2]
+        np.testing.assert_allclose(difference / np.linalg.norm(difference), g, atol=1e-5)
+        assert table[0] @ g == pytest.approx(0, abs=1e-6)
+    # with the identity matrix the projected debias is the ordinary hard-debias
+    np.testing.assert_allclose(W.conditioning_table(["nurse", "woman", "man"], wv, np.eye(3, dtype=np.float32),
+                                                    "projected"),
+                               W.debiased_vectors(wv, ["nurse", "woman", "man"]), atol=1e-6)
+
+
+def test_projected_debias_on_word2vec_zeroes_the_gap_the_model_sees():
+    matrix = W.jl_matrix(300, 128, seed=1)
+    report = W.embedding_bias("nurse", debias="projected", jl_matrix=matrix)
+    assert report["cosine_gap"] == pytest.approx(W.embedding_bias("nurse")["cosine_gap"])  # before: untouched
+    assert abs(report["cosine_gap_jl"]) < 1e-6 and abs(report["gender_projection_jl"]) < 1e-6
+    hard = W.embedding_bias("nurse", debias="hard", jl_matrix=matrix)
+    assert abs(hard["cosine_gap"]) < 1e-6 and abs(hard["cosine_gap_jl"]) > 1e-3  # the projection re-creates a gap
+
+
+def test_gender_shifted_table_by_hand():
+    wv = W.WordVectors("toy", *_toy_vectors())
+    matrix = np.eye(3, dtype=np.float32)
+    # nurse = (0.6, 0.8, 0) is a unit vector, g = (1, 0, 0): alpha = 0.4 gives unit((1.0, 0.8, 0)).
+    shifted = W.gender_shifted_table("nurse", [0.0, 0.4], wv, matrix)
+    np.testing.assert_allclose(shifted[0], [0.6, 0.8, 0], atol=1e-6)
+    np.testing.assert_allclose(shifted[1], np.array([1.0, 0.8, 0]) / np.hypot(1.0, 0.8), atol=1e-6)
+    # in the projected space: c + alpha ||c|| g_P with c = (0.6, 0.8, 0), g_P = (1, 0, 0)
+    np.testing.assert_allclose(W.gender_shifted_table("nurse", [-0.5], wv, matrix, space="projected"),
+                               [[0.1, 0.8, 0]], atol=1e-6)
+    with pytest.raises(W.InputError):
+        W.gender_shifted_table("nurse", [0.1], wv, matrix, space="elsewhere")
+
+
+def test_projection_gap_shifts_by_hand():
+    wv = W.WordVectors("toy", *_toy_vectors())
+    rows = W.projection_gap_shifts(["nurse"], wv, seeds=[0], dims=[3])
+    before = W.cosine_gap(wv.unit("nurse"), wv.unit("woman"), wv.unit("man"))
+    matrix = W.jl_matrix(3, 3, 0)
+    after = W.cosine_gap(*(W.unit_rows(wv.units(["nurse", "woman", "man"])) @ matrix))
+    assert rows == [pytest.approx({"word": "nurse", "jl_seed": 0, "jl_dim": 3, "gap_before": before,
+                                   "gap_after": after, "shift": after - before})]
+    hard = W.projection_gap_shifts(["nurse"], wv, seeds=[0], dims=[3], debias="hard")
+    assert hard[0]["gap_before"] == pytest.approx(0, abs=1e-6)
+
+
+def test_choosing_unseen_words():
+    gaps = {"a": 0.3, "b": -0.2, "c": 0.0, "d": 0.1, "e": -0.1}
+    assert W.pick_unseen(list(gaps), gaps, 0) == ["b", "e", "c", "d", "a"]
+    assert W.pick_unseen(list(gaps), gaps, 3) == ["b", "c", "a"]  # ranks 0, 2, 4
+    assert W.pick_unseen(list(gaps), gaps, 2, "first") == ["a", "b"][::-1]
+    wv = W.load_word_vectors()
+    assert W.vocabulary_form("mary", wv) == "Mary" and W.vocabulary_form("nurse", wv) == "nurse"
+    assert W.vocabulary_form("qwzxv", wv) is None
 
 
 def test_word_table_is_reproducible_and_projects_unit_vectors():

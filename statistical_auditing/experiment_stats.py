@@ -1,0 +1,265 @@
+"""Statistics of the full experiment: pooling over sampling seeds and runs, regressions whose
+intervals cover both words and runs, arm contrasts, held-out prediction, dose-response
+slopes and empirical Lipschitz constants. Pure functions (numpy in, numbers out); each
+docstring states the formula, and tests/test_experiment_stats.py checks each by hand.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+from statistical_auditing.stats import wilson_interval
+
+# A regressor whose standard deviation is below this (in cosine-gap units) has no spread to
+# fit a slope on: hard-debiasing sets every profession's gap to ~1e-10 before the
+# projection, and a "slope" on that is rounding noise (it printed 4.5e+07 once).
+MIN_X_SD = 1e-3
+
+
+def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+# ----------------------------------------------------------------------------- shares
+
+
+def pooled_share(counts: Sequence[tuple[int, int]], level: float = 0.95) -> dict:
+    """Pool (successes, n) counts of several sampling seeds of ONE model.
+
+    Every seed draws independent samples from the same model, so the pooled count is
+    binomial: share = sum s_i / sum n_i with its Wilson interval. The seed-to-seed spread is
+    the sample standard deviation of the per-seed shares s_i / n_i (ddof 1), and
+    ``homogeneity_p`` is the p-value of Pearson's chi-square test that all seeds share one
+    proportion (chi2 = sum_i (s_i - n_i p)^2 / (n_i p (1 - p)), m - 1 degrees of freedom): a
+    small p says the seeds differ by more than sampling noise (a bug, not luck).
+    """
+    counts = [(int(s), int(n)) for s, n in counts if int(n) > 0]
+    if not counts:
+        return {"share": math.nan, "ci_low": math.nan, "ci_high": math.nan, "successes": 0, "n": 0,
+                "n_seeds": 0, "seed_sd": math.nan, "seed_min": math.nan, "seed_max": math.nan,
+                "homogeneity_p": math.nan}
+    successes = sum(s for s, _ in counts)
+    n = sum(m for _, m in counts)
+    share = successes / n
+    low, high = wilson_interval(successes, n, level)
+    per_seed = np.array([s / m for s, m in counts])
+    if len(counts) > 1 and 0 < share < 1:
+        chi2 = sum((s - m * share) ** 2 / (m * share * (1 - share)) for s, m in counts)
+        p_value = float(_scipy_stats.chi2.sf(chi2, len(counts) - 1))
+    else:
+        p_value = math.nan if len(counts) == 1 else 1.0
+    return {"share": share, "ci_low": low, "ci_high": high, "successes": successes, "n": n,
+            "n_seeds": len(counts), "seed_sd": float(per_seed.std(ddof=1)) if len(counts) > 1 else math.nan,
+            "seed_min": float(per_seed.min()), "seed_max": float(per_seed.max()), "homogeneity_p": p_value}
+
+
+def pooled_over_runs(counts: Sequence[tuple[int, int]], n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Mean female share over runs (models), with an interval over runs AND samples.
+
+    Each run r contributes (s_r, n_r) and share p_r = s_r / n_r; the estimate is the mean of
+    the p_r (each model counts once). The interval is a two-stage (hierarchical) percentile
+    bootstrap (Davison & Hinkley 1997, sec. 3.8): resample the runs with replacement, then
+    within each drawn run resample its n_r images (s* ~ Binomial(n_r, p_r)); the statistic is
+    the mean of the resampled shares. With one run it reduces to the binomial bootstrap.
+    """
+    counts = [(int(s), int(n)) for s, n in counts if int(n) > 0]
+    if not counts:
+        return {"share": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_runs": 0, "run_sd": math.nan}
+    shares = np.array([s / n for s, n in counts])
+    sizes = np.array([n for _, n in counts])
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+    draws = rng.binomial(sizes[pick], shares[pick]) / sizes[pick]
+    low, high = _percentile_ci(draws.mean(axis=1), level)
+    return {"share": float(shares.mean()), "ci_low": low, "ci_high": high, "n_runs": len(counts),
+            "run_sd": float(shares.std(ddof=1)) if len(counts) > 1 else math.nan}
+
+
+# ----------------------------------------------------------------------------- regressions
+
+
+def ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(slope, intercept, r^2) of the least-squares line y = a + b x:
+    b = S_xy / S_xx, a = mean(y) - b mean(x), r^2 = S_xy^2 / (S_xx S_yy) (0 when y is constant)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx, syy, sxy = float(xc @ xc), float(yc @ yc), float(xc @ yc)
+    slope = sxy / sxx
+    return slope, float(y.mean() - slope * x.mean()), (sxy * sxy / (sxx * syy) if syy > 0 else 0.0)
+
+
+def x_has_spread(x: Sequence[float], min_sd: float = MIN_X_SD) -> bool:
+    """True when the sample standard deviation of x reaches ``min_sd`` (a slope is defined)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x.size >= 2 and bool(np.isfinite(x).all()) and float(x.std(ddof=1)) >= min_sd
+
+
+def undefined_fit(reason: str, n_runs: int, n_points: int) -> dict:
+    return {"defined": False, "reason": reason, "slope": math.nan, "slope_ci": (math.nan, math.nan),
+            "intercept": math.nan, "r2": math.nan, "r2_ci": (math.nan, math.nan), "n_runs": n_runs,
+            "n_points": n_points, "replicates": np.empty((0, 2))}
+
+
+def hierarchical_regression(groups: Sequence[tuple[Sequence[float], Sequence[float]]], n_boot: int = 2000,
+                            seed: int = 0, level: float = 0.95, min_sd: float = MIN_X_SD) -> dict:
+    """Least-squares line of y on x pooled over runs, with intervals over runs and words.
+
+    ``groups``: one (x, y) pair of arrays per run (x = a word's cosine gap, y = its female
+    share in that run). The estimate is the OLS line through all (run, word) points. The
+    interval is a two-stage percentile bootstrap: draw the runs with replacement, then
+    within each drawn run draw its words with replacement, and refit on the union (Davison
+    & Hinkley 1997, sec. 3.8; with one run it is the pairs bootstrap over words). Resamples
+    whose x has less spread than ``min_sd`` are dropped (counted in ``n_dropped``). When
+    the data's own x has less spread than ``min_sd`` the slope is UNDEFINED: the result has
+    defined = False and a reason instead of a number.
+    Returns dict(defined, slope, intercept, r2, slope_ci, r2_ci, n_runs, n_points, n_boot,
+    n_dropped, replicates (n_kept, 2) array of (slope, r2)).
+    """
+    groups = [(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)) for x, y in groups]
+    groups = [(x, y) for x, y in groups if x.size]
+    n_points = sum(x.size for x, _ in groups)
+    if n_points < 3:
+        return undefined_fit(f"only {n_points} points (a line with an interval needs 3)", len(groups), n_points)
+    x_all = np.concatenate([x for x, _ in groups])
+    y_all = np.concatenate([y for _, y in groups])
+    if not (np.isfinite(x_all).all() and np.isfinite(y_all).all()):
+        raise ValueError("x and y must be finite")
+    if not x_has_spread(x_all, min_sd):
+        return undefined_fit(f"x has no spread (sd {x_all.std(ddof=1):.2g} < {min_sd:g}): every word has the "
+                             f"same embedding bias, so there is no slope to estimate", len(groups), n_points)
+    slope, intercept, r2 = ols(x_all, y_all)
+    rng = np.random.default_rng(seed)
+    replicates = []
+    for _ in range(int(n_boot)):
+        runs = rng.integers(0, len(groups), size=len(groups))
+        xs, ys = [], []
+        for r in runs:
+            x, y = groups[r]
+            idx = rng.integers(0, x.size, size=x.size)
+            xs.append(x[idx])
+            ys.append(y[idx])
+        xb, yb = np.concatenate(xs), np.concatenate(ys)
+        if x_has_spread(xb, min_sd):
+            replicates.append(ols(xb, yb)[::2])
+    replicates = np.asarray(replicates, dtype=np.float64).reshape(-1, 2)
+    if not len(replicates):
+        return undefined_fit("every bootstrap resample lacked spread in x", len(groups), n_points)
+    return {"defined": True, "reason": "", "slope": slope, "intercept": intercept, "r2": r2,
+            "slope_ci": _percentile_ci(replicates[:, 0], level), "r2_ci": _percentile_ci(replicates[:, 1], level),
+            "n_runs": len(groups), "n_points": n_points, "n_boot": int(n_boot),
+            "n_dropped": int(n_boot) - len(replicates), "replicates": replicates}
+
+
+def slope_contrast(fit: dict, reference: dict, level: float = 0.95) -> dict:
+    """slope(arm) - slope(reference) with a percentile interval from the two fits' independent
+    bootstrap replicates (paired by index; the arms are different models, so their resamples
+    are independent). Undefined when either slope is."""
+    if not (fit.get("defined") and reference.get("defined")):
+        return {"defined": False, "difference": math.nan, "ci": (math.nan, math.nan)}
+    m = min(len(fit["replicates"]), len(reference["replicates"]))
+    differences = fit["replicates"][:m, 0] - reference["replicates"][:m, 0]
+    return {"defined": True, "difference": fit["slope"] - reference["slope"], "ci": _percentile_ci(differences, level)}
+
+
+def held_out_prediction(x: Sequence[float], y: Sequence[float], fold: Sequence[int]) -> dict:
+    """Fit y = a + b x on the points of one fold and predict the other (two-fold cross-validation).
+
+    ``fold`` is 0 or 1 per point. For each direction the line is fitted on one fold and the
+    squared errors are taken on the other; returned: rmse (root mean of all held-out
+    squared errors), mae, and r2_out = 1 - SSE / SS_tot, where SS_tot uses the training
+    fold's mean as the prediction (so r2_out <= 0 means the line predicts no better than
+    the mean share of the other words).
+    """
+    x, y, fold = (np.asarray(v, dtype=np.float64) for v in (x, y, fold))
+    errors, baseline = [], []
+    for train in (0, 1):
+        fit_mask, test_mask = fold == train, fold != train
+        if fit_mask.sum() < 2 or test_mask.sum() < 1 or not x_has_spread(x[fit_mask]):
+            return {"defined": False, "rmse": math.nan, "mae": math.nan, "r2_out": math.nan, "n": int(x.size)}
+        slope, intercept, _ = ols(x[fit_mask], y[fit_mask])
+        errors.append(y[test_mask] - (intercept + slope * x[test_mask]))
+        baseline.append(y[test_mask] - y[fit_mask].mean())
+    errors, baseline = np.concatenate(errors), np.concatenate(baseline)
+    sst = float(baseline @ baseline)
+    return {"defined": True, "rmse": float(np.sqrt(np.mean(errors ** 2))), "mae": float(np.mean(np.abs(errors))),
+            "r2_out": 1 - float(errors @ errors) / sst if sst > 0 else math.nan, "n": int(x.size)}
+
+
+def alternating_folds(order_key: Sequence[float]) -> np.ndarray:
+    """Fold 0/1 by alternating ranks of ``order_key`` (e.g. the cosine gap), so both folds span
+    its whole range."""
+    ranks = np.argsort(np.argsort(np.asarray(order_key, dtype=np.float64), kind="stable"), kind="stable")
+    return (ranks % 2).astype(int)
+
+
+# ----------------------------------------------------------------------------- dose-response
+
+
+def logistic_fit(x: Sequence[float], successes: Sequence[int], n: Sequence[int], level: float = 0.95,
+                 max_iter: int = 100) -> dict:
+    """Binomial logistic regression logit P(success) = a + b x by Newton-Raphson (IRLS; McCullagh &
+    Nelder 1989, sec. 4.4), with a Wald interval for b: b +- z SE(b), SE from the inverse
+    Fisher information (X^T W X)^-1, W = diag(n_i p_i (1 - p_i)).
+
+    Groups with n_i = 0 are ignored. When the data are (quasi-)separated (all or none of
+    every group succeed on each side of a threshold) the maximum-likelihood slope is
+    infinite; this is reported as converged = False with the last iterate.
+    """
+    x, s, m = (np.asarray(v, dtype=np.float64) for v in (x, successes, n))
+    keep = m > 0
+    x, s, m = x[keep], s[keep], m[keep]
+    if x.size < 2 or np.ptp(x) == 0:
+        raise ValueError("a logistic slope needs at least two distinct x values with samples")
+    design = np.column_stack([np.ones_like(x), x])
+    beta = np.zeros(2)
+    converged = False
+    for _ in range(max_iter):
+        eta = design @ beta
+        p = 1.0 / (1.0 + np.exp(-eta))
+        weights = m * p * (1 - p)
+        info = design.T @ (design * weights[:, None])
+        score = design.T @ (s - m * p)
+        try:
+            step = np.linalg.solve(info, score)
+        except np.linalg.LinAlgError:
+            break
+        beta = beta + step
+        if np.max(np.abs(step)) < 1e-10:
+            converged = True
+            break
+        if np.max(np.abs(beta)) > 1e3:
+            break
+    p = 1.0 / (1.0 + np.exp(-(design @ beta)))
+    info = design.T @ (design * (m * p * (1 - p))[:, None])
+    try:
+        se = float(np.sqrt(np.linalg.inv(info)[1, 1]))
+    except np.linalg.LinAlgError:
+        se = math.inf
+    z = float(_scipy_stats.norm.ppf(0.5 + level / 2))
+    return {"intercept": float(beta[0]), "slope": float(beta[1]), "slope_se": se,
+            "slope_ci": (float(beta[1] - z * se), float(beta[1] + z * se)), "converged": converged}
+
+
+# ----------------------------------------------------------------------------- Lipschitz
+
+
+def lipschitz_ratios(eps_1: np.ndarray, eps_2: np.ndarray, y_1: np.ndarray, y_2: np.ndarray) -> np.ndarray:
+    """Empirical Lipschitz ratios ||f(x, y1) - f(x, y2)||_2 / ||y1 - y2||_2, one per row.
+
+    eps_1, eps_2: (N, D) outputs of the same inputs x under conditionings y_1, y_2 (N, d)
+    (or (d,), broadcast). Each ratio is a lower bound on the Lipschitz constant of f in y
+    at x (for any L with ||f(x, a) - f(x, b)|| <= L ||a - b||, L >= ratio). Pairs with
+    y_1 = y_2 are an error.
+    """
+    eps_1, eps_2 = np.asarray(eps_1, dtype=np.float64), np.asarray(eps_2, dtype=np.float64)
+    distance = np.linalg.norm(np.broadcast_to(np.asarray(y_1, dtype=np.float64) - np.asarray(y_2, dtype=np.float64),
+                                              (eps_1.shape[0], np.asarray(y_1).shape[-1])), axis=-1)
+    if np.any(distance == 0):
+        raise ValueError("identical conditionings have no Lipschitz ratio")
+    return np.linalg.norm((eps_1 - eps_2).reshape(len(eps_1), -1), axis=-1) / distance

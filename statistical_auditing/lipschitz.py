@@ -1,0 +1,305 @@
+"""The Lipschitz view: how fast the learned score moves with the conditioning, and what the
+images do about it.
+
+    python statistical_auditing/lipschitz.py --run runs/tiny
+
+The seed's motivation: theory assumes the score s_t(x, y) is L-Lipschitz in the
+conditioning y, ||s_t(x, y1) - s_t(x, y2)|| <= L ||y1 - y2||, and that assumption is an
+individual-fairness constraint (similar conditionings, similar outputs). Two measurements:
+
+1. The noise predictor itself: for pairs (y1, y2) of conditioning vectors (the training
+   words, the audit's unseen words and the dose-response points of one word) and noised
+   held-out test images x_t at --timesteps, the ratio
+   ||eps(x_t, t, y1) - eps(x_t, t, y2)||_2 / ||y1 - y2||_2 (each ratio is a lower bound on
+   L at that x_t). Reported per timestep: median and maximum over pairs and images. The
+   predictor's output is RMS-normalised (divided by sqrt(D), D = 3 x S x S) so a ratio of 1
+   means one unit of conditioning moves every pixel's noise prediction by about one unit.
+2. The images: for the same pairs of words, the distance between their output
+   distributions, |female share(y1) - female share(y2)| and the total-variation distance
+   of their scene shares, against ||y1 - y2|| (shares from the run's audit at guidance 1
+   and from its dose-response). The largest ratio of output distance to conditioning
+   distance is the smallest L for which the word -> images map is L-Lipschitz (individually
+   fair with constant L) on these words.
+
+Outputs in <run>/lipschitz (or --out): predictor.csv (per timestep: median, quartiles, max
+of the ratio), pairs.csv (per pair: ||y1 - y2||, mean ratio over images per timestep, output
+distances), lipschitz.png, report.md.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
+                                    run_main)
+from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, compact_csv_text, progress_bar,
+                                          read_text_file, require_memory, require_writable, resolve_device,
+                                          writable_folder)
+from diffusion_from_scratch.word_vectors import gender_shifted_table
+from statistical_auditing.experiment_stats import lipschitz_ratios
+from statistical_auditing.score_interface import to_epsilon
+
+# ----------------------------------------------------------------------------- config
+RUN = "runs/tiny"  # training run folder
+OUT = ""  # output folder (empty = <run>/lipschitz)
+TIMESTEPS = "25,100,200,300,400,500,600,700,800,900,975"  # list of ints in [0, inf): training timesteps t at which x_t is formed
+N_IMAGES = 24  # [1, inf) held-out test images (balanced over the classes)
+DOSE_WORD = "person"  # its dose-response points join the pairs (empty = none)
+DOSE_ALPHAS = "-0.4,-0.2,0,0.2,0.4"  # list of numbers in (-inf, inf): alphas of those points (moved before the projection)
+GUIDANCE_FOR_OUTPUTS = 1.0  # (0, inf) audit guidance scale whose shares are compared
+METHOD_FOR_OUTPUTS = "scoredecomp"  # audit method whose female shares are compared: scoredecomp | attribute
+SEED = 0  # [0, 2**63) noise seed
+BATCH_SIZE = 128  # [1, inf) rows per model call
+DEVICE = ""  # empty = the accelerator if there is one, else cpu
+NUM_THREADS = 0  # [0, inf) torch CPU threads (0 = torch's default)
+
+PRESETS = {"smoke": dict(timesteps="100,500,900", n_images=4)}
+CHOICES = {"method_for_outputs": ("scoredecomp", "attribute")}
+SCENE_KEYS = ("neutral", "hospital", "library")
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    """Distinct integers of a comma-separated list, in order (``cli.parse_number_list``)."""
+    return list(dict.fromkeys(parse_number_list(text, flag, int)))
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    """The rows of an output table of the audit or the dose-response; [] when there is none, and
+    InputError naming the file when it is there but unreadable."""
+    if not path.exists():
+        return []
+    try:
+        return list(csv.DictReader(io.StringIO(read_text_file(path, "a CSV table"), newline="")))
+    except csv.Error as error:
+        raise InputError(f"{path}: not a readable CSV table ({error}); rerun the script that wrote it") from None
+
+
+def audit_outputs(run_dir: Path, guidance: float, method: str) -> dict[str, dict]:
+    """word -> {"female": share, "scenes": {scene: share}} from the run's audit (empty if not audited)."""
+    outputs: dict[str, dict] = {}
+    for row in read_csv_rows(run_dir / "audit" / "proportions.csv"):
+        try:
+            if abs(float(row["guidance"]) - guidance) > 1e-9 or row["method"] != method or not row["share"]:
+                continue
+            entry = outputs.setdefault(row["word"], {})
+            entry["female"] = float(row["share"])
+            if all(row.get(f"scene_{s}", "") != "" for s in SCENE_KEYS):
+                entry["scenes"] = {s: float(row[f"scene_{s}"]) for s in SCENE_KEYS}
+        except (KeyError, ValueError):
+            continue
+    return outputs
+
+
+def dose_outputs(run_dir: Path, word: str, method: str) -> dict[float, float]:
+    """alpha -> female share of the run's dose-response for ``word`` (moved before the projection)."""
+    shares = {}
+    for row in read_csv_rows(run_dir / "dose_response" / "dose_response.csv"):
+        try:
+            if row["word"] == word and row["space"] == "embedding" and row["method"] == method and row["share"]:
+                shares[round(float(row["alpha"]), 6)] = float(row["share"])
+        except (KeyError, ValueError):
+            continue
+    return shares
+
+
+def test_images(run, n: int) -> torch.Tensor:
+    """n held-out test images of the run's dataset, round-robin over the classes, in [0, 1]."""
+    from diffusion_from_scratch.utils import load_split
+    from statistical_auditing.audit import resolve_dataset
+
+    dataset = resolve_dataset(run.config, "")
+    images, labels = load_split(dataset, "test", list(run.config["classes"]), run.model.config.image_size)
+    order = sorted(range(len(labels)), key=lambda i: (sum(1 for j in range(i) if labels[j] == labels[i]), int(labels[i])))
+    return images[order[:n]].float() / 255.0
+
+
+@torch.no_grad()
+def eps_for_vectors(run, x0: torch.Tensor, timesteps: list[int], vectors: torch.Tensor, seed: int,
+                    batch_size: int) -> torch.Tensor:
+    """eps(x_t, t, y) for every timestep, image and vector: (T, N, V, D), RMS-normalised (/ sqrt(D))."""
+    from statistical_auditing.scoring import batch_noise
+
+    model, scheduler = run.model, run.scheduler
+    abar = scheduler.alphas_cumprod
+    noise = batch_noise(x0.shape[1:], seed, [f"lipschitz/{i}" for i in range(len(x0))])
+    out = torch.empty(len(timesteps), len(x0), len(vectors), x0[0].numel())
+    for ti, t in enumerate(progress_bar(timesteps, desc="noise predictions per timestep", leave=False)):
+        tt = torch.full((len(x0),), t, dtype=torch.long)
+        a = abar[tt].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        rows_x = x_t.repeat_interleave(len(vectors), 0)
+        rows_t = tt.repeat_interleave(len(vectors), 0)
+        rows_y = vectors.repeat(len(x0), 1)
+        outputs = []
+        for s in range(0, len(rows_x), batch_size):
+            raw = model(rows_x[s:s + batch_size].to(run.device), rows_t[s:s + batch_size].to(run.device),
+                        rows_y[s:s + batch_size].to(run.device)).float().cpu()
+            outputs.append(to_epsilon(raw, rows_x[s:s + batch_size], rows_t[s:s + batch_size], abar,
+                                      run.config["prediction"]))
+        out[ti] = torch.cat(outputs).view(len(x0), len(vectors), -1)
+    return out / math.sqrt(x0[0].numel())
+
+
+def plot(per_t: list[dict], pairs: list[dict], path: Path) -> None:
+    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    try:
+        t = [r["t"] for r in per_t]
+        for i, (key, name) in enumerate((("", "eps"), ("score_", "score"), ("x0_", "x0 prediction"))):
+            axes[0].plot(t, [r[f"{key}median"] for r in per_t], "o-", color=f"C{i}", label=f"{name}: median")
+            axes[0].plot(t, [r[f"{key}max"] for r in per_t], "s--", color=f"C{i}", label=f"{name}: maximum")
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("timestep t")
+        axes[0].set_ylabel("||f(x_t, y1) - f(x_t, y2)||_rms / ||y1 - y2||")
+        axes[0].set_title("The learned predictor: empirical Lipschitz ratios in y")
+        axes[0].legend(fontsize=7)
+        with_output = [p for p in pairs if p.get("female_gap") is not None and not math.isnan(p["female_gap"])]
+        kinds = sorted({p["kind"] for p in with_output})
+        for i, kind in enumerate(kinds):
+            sel = [p for p in with_output if p["kind"] == kind]
+            axes[1].scatter([p["distance"] for p in sel], [p["female_gap"] for p in sel], s=10, alpha=0.6,
+                            color=f"C{i}", label=kind)
+        axes[1].set_xlabel("||y1 - y2|| (conditioning distance)")
+        axes[1].set_ylabel("|female share(y1) - female share(y2)|")
+        axes[1].set_title("Images: output gap against conditioning distance")
+        axes[1].legend(fontsize=8)
+        _save_figure_atomically(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from diffusion_from_scratch.pipeline import TrainedRun
+
+    cfg = config_from_constants(constants_of(globals()), PRESETS, argv, choices=CHOICES,
+                                description=__doc__.splitlines()[0])
+    timesteps = parse_ints(cfg["timesteps"], "timesteps")
+    alphas = parse_number_list(cfg["dose_alphas"], "dose_alphas") if cfg["dose_word"] else []
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
+    started = time.perf_counter()
+    run = TrainedRun(cfg["run"], resolve_device(cfg["device"]))
+    n_train = run.config["num_train_timesteps"]
+    bad = [t for t in timesteps if not 0 <= t < n_train]
+    require(not bad, f"--timesteps: {bad} outside 0..{n_train - 1}")
+    out = Path(cfg["out"] or run.run_dir / "lipschitz")
+    require_writable(out, "out")
+    audit_path = run.run_dir / "audit" / "audit.json"
+    try:
+        audit = json.loads(audit_path.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{audit_path}: missing or unreadable; run statistical_auditing/audit.py --run "
+                         f"{run.run_dir} first (its words and shares are compared here)") from None
+    if not isinstance(audit, dict) or not all(isinstance(audit.get(key, []), list) for key in ("seen", "unseen")):
+        raise InputError(f"{audit_path}: not an audit summary (a JSON object with the lists seen and unseen); rerun "
+                         f"statistical_auditing/audit.py --run {run.run_dir}")
+    words = list(dict.fromkeys(list(audit.get("seen", run.words)) + list(audit.get("unseen", []))))
+    labels = [("word", w) for w in words]
+    vectors = [run.word_vectors(words)]
+    if alphas:
+        try:
+            shifted = gender_shifted_table(cfg["dose_word"], alphas, run.embedding, run.jl_matrix,
+                                           run.config["debias"])
+        except InputError as error:
+            raise InputError(f"--dose_word: {error}") from None
+        vectors.append(torch.from_numpy(shifted))
+        labels += [("dose", f"{cfg['dose_word']}{a:+g}") for a in alphas]
+    vectors = torch.cat(vectors).float()
+    distinct = [i for i in range(len(vectors)) if not any(torch.equal(vectors[i], vectors[j]) for j in range(i))]
+    vectors, labels = vectors[distinct], [labels[i] for i in distinct]  # alpha = 0 is the word itself
+    x0 = test_images(run, cfg["n_images"]) * 2 - 1
+    require_memory(len(timesteps) * len(x0) * len(vectors) * x0[0].numel() * 4 * 2,
+                   f"--timesteps / --n_images ({len(timesteps)} timesteps x {len(x0)} images x {len(vectors)} vectors "
+                   f"of noise predictions)")
+    shares = audit_outputs(run.run_dir, cfg["guidance_for_outputs"], cfg["method_for_outputs"])
+    scenes = audit_outputs(run.run_dir, cfg["guidance_for_outputs"], "attribute")
+    dose = dose_outputs(run.run_dir, cfg["dose_word"], cfg["method_for_outputs"]) if alphas else {}
+    eps = eps_for_vectors(run, x0, timesteps, vectors, cfg["seed"], cfg["batch_size"])  # (T, N, V, D)
+
+    pair_index = list(itertools.combinations(range(len(vectors)), 2))
+    distances = np.array([float((vectors[i] - vectors[j]).norm()) for i, j in pair_index])
+    ratios = np.empty((len(timesteps), len(pair_index), len(x0)))
+    for ti in range(len(timesteps)):
+        for p, (i, j) in enumerate(pair_index):
+            ratios[ti, p] = lipschitz_ratios(eps[ti, :, i].numpy(), eps[ti, :, j].numpy(), vectors[i].numpy(),
+                                             vectors[j].numpy())
+    per_t = []
+    for ti, t in enumerate(timesteps):
+        abar = float(run.scheduler.alphas_cumprod[t])
+        # eps -> score: s = -eps / sqrt(1 - abar); eps -> x0 prediction: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        score_scale, x0_scale = 1 / math.sqrt(1 - abar), math.sqrt((1 - abar) / abar)
+        per_t.append({"t": t, "abar": abar, "median": float(np.median(ratios[ti])),
+                      "q25": float(np.percentile(ratios[ti], 25)), "q75": float(np.percentile(ratios[ti], 75)),
+                      "max": float(ratios[ti].max()), "score_median": float(np.median(ratios[ti])) * score_scale,
+                      "score_max": float(ratios[ti].max()) * score_scale,
+                      "x0_median": float(np.median(ratios[ti])) * x0_scale, "x0_max": float(ratios[ti].max()) * x0_scale,
+                      "n_pairs": len(pair_index), "n_images": len(x0)})
+
+
+    def female(label: tuple[str, str]) -> float:
+        kind, name = label
+        if kind == "word":
+            return shares.get(name, {}).get("female", math.nan)
+        alpha = round(float(name[len(cfg["dose_word"]):]), 6)
+        return dose.get(alpha, math.nan)
+
+    pairs = []
+    for p, (i, j) in enumerate(pair_index):
+        a, b = labels[i], labels[j]
+        scene_a, scene_b = scenes.get(a[1], {}).get("scenes"), scenes.get(b[1], {}).get("scenes")
+        tv = (0.5 * sum(abs(scene_a[s] - scene_b[s]) for s in SCENE_KEYS)
+              if a[0] == b[0] == "word" and scene_a and scene_b else math.nan)
+        kind = "dose points" if a[0] == b[0] == "dose" else ("words" if a[0] == b[0] == "word" else "word vs dose")
+        pairs.append({"y1": a[1], "y2": b[1], "kind": kind, "distance": distances[p],
+                      "female_gap": abs(female(a) - female(b)), "scene_tv": tv,
+                      **{f"ratio_t{t}": float(ratios[ti, p].mean()) for ti, t in enumerate(timesteps)}})
+    with_gap = [q for q in pairs if not math.isnan(q["female_gap"])]
+    output_lipschitz = max((q["female_gap"] / q["distance"] for q in with_gap), default=math.nan)
+    small = np.percentile(distances, 10)
+    close_pairs = [q for q in with_gap if q["distance"] <= small]
+    worst_close = max(close_pairs, key=lambda q: q["female_gap"], default=None)
+    writable_folder(out, "out")
+    atomic_write_text(out / "predictor.csv", compact_csv_text(per_t, list(per_t[0])))
+    atomic_write_text(out / "pairs.csv", compact_csv_text(pairs, list(pairs[0]) if pairs else ["y1"]))
+    plot(per_t, pairs, out / "lipschitz.png")
+    summary = {"run": str(run.run_dir), "run_step": run.step, "timesteps": timesteps, "n_vectors": len(vectors),
+               "n_pairs": len(pair_index), "n_images": len(x0), "per_timestep": per_t,
+               "output_lipschitz": output_lipschitz, "distance_p10": float(small),
+               "worst_close_pair": worst_close, "config": cfg, "seconds": time.perf_counter() - started}
+    atomic_write_json(out / "lipschitz.json", summary)
+    lines = [f"# Lipschitz view of `{run.run_dir}`", "",
+             f"{len(vectors)} conditioning vectors ({len(words)} words"
+             + (f", {len(alphas)} dose-response points of {cfg['dose_word']}" if alphas else "")
+             + f"), {len(pair_index)} pairs, {len(x0)} test images, timesteps {', '.join(map(str, timesteps))}.", "",
+             "Ratios ||f(x_t, y1) - f(x_t, y2)||_rms / ||y1 - y2|| for three views of the same prediction: the "
+             "noise eps, the score s = -eps / sqrt(1 - abar_t) (the quantity the Lipschitz assumption is about) and "
+             "the clean-image prediction x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (pixel units in [-1, 1]).",
+             "", "| t | eps: median [quartiles] | eps: max | score: median | score: max | x0: median | x0: max |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['t']} | {r['median']:.3f} [{r['q25']:.3f}, {r['q75']:.3f}] | {r['max']:.3f} | "
+              f"{r['score_median']:.3f} | {r['score_max']:.3f} | {r['x0_median']:.3f} | {r['x0_max']:.3f} |"
+              for r in per_t]
+    lines += ["", f"Output level ({cfg['method_for_outputs']} female shares, guidance {cfg['guidance_for_outputs']:g}): "
+              f"the largest |female share gap| / ||y1 - y2|| over {len(with_gap)} pairs is {output_lipschitz:.3f}."]
+    if worst_close:
+        lines.append(f"Among the pairs closest in conditioning (distance <= {small:.3f}, the 10th percentile), the "
+                     f"largest female-share gap is {worst_close['female_gap']:.2f} ({worst_close['y1']} vs "
+                     f"{worst_close['y2']}, distance {worst_close['distance']:.3f}).")
+    lines += ["", "![Lipschitz](lipschitz.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    print(f"[lipschitz] wrote {out / 'report.md'}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

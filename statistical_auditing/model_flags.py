@@ -1,0 +1,12 @@
+"""Model flags shared by fairface.py, diffusion_classifier.py and diff_prompts_same_score.py
+(imported at each script's top, as data_flags.py; ``cli_common.load_model`` reads them)."""
+from statistical_auditing.score_interface import DEFAULT_INFERENCE_STEPS
+from statistical_auditing.sd_models import DEFAULT_MODEL, DTYPES, SCHEDULERS
+
+MODEL = DEFAULT_MODEL  # from-scratch run folder, or Stable Diffusion hub id / pipeline folder
+DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)
+DTYPE = "auto"  # Stable Diffusion only: auto | fp32 | fp16 | bf16
+SCHEDULER = "ddpm"  # Stable Diffusion only: ddpm | ddim | euler (built from the model's scheduler config)
+NUM_INFERENCE_STEPS = DEFAULT_INFERENCE_STEPS  # [1, inf) set_timesteps(n), then t = timesteps[-k] (the original: 1000)
+
+MODEL_CHOICES = {"dtype": ("auto", *DTYPES), "scheduler": SCHEDULERS}

@@ -1,0 +1,131 @@
+"""The experiment's scripts end to end on a smoke run, and the whole `make experiment` chain in seconds."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_script
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory, smoke_run):
+    """A copy of the session's smoke run, audited with the smoke preset."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("audited") / "run"
+    shutil.copytree(smoke_run, run)
+    run_script("statistical_auditing/audit.py", "--run", str(run), "--preset", "smoke", "--num_threads", "1")
+    return run
+
+
+@pytest.mark.smoke
+def test_audit_writes_seed_level_shares_and_scene_columns(audited_run):
+    audit = audited_run / "audit"
+    summary = json.loads((audit / "audit.json").read_text())
+    seeds = _rows(audit / "seeds.csv")
+    # smoke preset: 2 seeds x 2 images per training word, scale and method
+    words = {r["word"] for r in seeds}
+    assert words == set(summary["seen"]) and {r["seed_index"] for r in seeds} == {"0", "1"}
+    proportions = _rows(audit / "proportions.csv")
+    seen_attribute = [r for r in proportions if r["seen"] == "True" and r["method"] == "attribute"]
+    for row in seen_attribute:  # pooled counts are the sums of the seeds' counts
+        parts = [s for s in seeds if (s["word"], s["guidance"], s["method"]) == (row["word"], row["guidance"],
+                                                                                  "attribute")]
+        assert int(row["n"]) == sum(int(s["n"]) for s in parts)
+        assert int(row["successes"]) == sum(int(s["successes"]) for s in parts)
+        scenes = [float(row[f"scene_{s}"]) for s in ("neutral", "hospital", "library", "unclear")]
+        assert sum(scenes) == pytest.approx(1.0)
+    controls = _rows(audit / "controls.csv")
+    assert sum(r["chosen"] == "True" for r in controls) == 1
+    # the selection and report halves are disjoint and together hold every test image (12 in the smoke preset)
+    assert all(int(r["selection_n"]) + int(r["report_n"]) == 12 for r in controls)
+
+
+@pytest.mark.smoke
+def test_rerun_with_other_settings_leaves_no_stale_files(audited_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(audited_run, run)
+    stale = run / "audit" / "regression_g3_scoredecomp_cosine_gap_jl.png"
+    stale.write_bytes(b"old")
+    run_script("statistical_auditing/audit.py", "--run", str(run), "--preset", "smoke", "--guidance", "1",
+               "--num_threads", "1")
+    assert not stale.exists()
+    assert {r["guidance"] for r in _rows(run / "audit" / "proportions.csv")} == {"1"}
+
+
+@pytest.mark.smoke
+def test_dose_response_and_lipschitz_on_an_audited_run(audited_run):
+    run_script("statistical_auditing/dose_response.py", "--run", str(audited_run), "--preset", "smoke",
+               "--num_threads", "1")
+    points = _rows(audited_run / "dose_response" / "dose_response.csv")
+    words = {p["word"] for p in points}
+    assert "person" in words and len(words) == 2  # person + 1 profession in the smoke preset
+    assert {float(p["alpha"]) for p in points} == {-0.4, 0.0, 0.4}
+    assert {p["space"] for p in points} == {"embedding", "projected"}
+    person = [p for p in points if p["word"] == "person" and p["space"] == "embedding" and p["method"] == "attribute"]
+    gaps = [float(p["gap_before"]) for p in sorted(person, key=lambda p: float(p["alpha"]))]
+    assert gaps[0] < gaps[1] < gaps[2]  # moving along the gender direction raises the gap
+    assert (audited_run / "dose_response" / "dose_response.png").read_bytes()[:4] == b"\x89PNG"
+
+    run_script("statistical_auditing/lipschitz.py", "--run", str(audited_run), "--preset", "smoke",
+               "--num_threads", "1")
+    summary = json.loads((audited_run / "lipschitz" / "lipschitz.json").read_text())
+    assert [r["t"] for r in summary["per_timestep"]] == [100, 500, 900]
+    assert all(0 <= r["median"] <= r["max"] for r in summary["per_timestep"])
+    pairs = _rows(audited_run / "lipschitz" / "pairs.csv")
+    n_vectors = summary["n_vectors"]
+    assert len(pairs) == n_vectors * (n_vectors - 1) // 2
+
+
+@pytest.mark.smoke
+def test_experiment_smoke_runs_the_whole_chain_and_resumes(tmp_path):
+    out, data = tmp_path / "exp", tmp_path / "data"
+    args = ("--out", str(out), "--data", str(data), "--preset", "smoke", "--workers", "2")
+    first = run_script("statistical_auditing/experiment.py", *args, timeout=900)
+    assert "report:" in first.stdout
+    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert all(entry["status"] == "done" for entry in jobs.values())
+    assert {name.split("/")[0] for name in jobs} == {"data", "train", "audit", "dose", "lipschitz", "combine"}
+    runs = _rows(out / "combined" / "runs.csv")
+    assert sorted(r["arm"] for r in runs) == ["debiased", "projected", "w2v"]
+    regressions = _rows(out / "combined" / "regressions.csv")
+    # hard-debiasing zeroes every gap before the projection: that regression must be undefined, never a slope
+    before = [r for r in regressions if r["arm"] == "debiased" and r["x"] == "cosine_gap" and r["level"] == "arm"]
+    assert before and all(r["defined"] == "False" and r["slope"] == "" for r in before)
+    projected_after = [r for r in regressions if r["arm"] == "projected" and r["x"] == "cosine_gap_jl"]
+    assert projected_after and all(r["defined"] == "False" for r in projected_after)
+    shifts = _rows(out / "combined" / "jl_shift_summary.csv")
+    assert {int(r["jl_dim"]) for r in shifts} == {64, 128, 256}
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["job_seconds_all_sittings"] > 0 and len(record["sittings"]) == 1
+    second = run_script("statistical_auditing/experiment.py", *args, timeout=900)
+    assert "already done" in second.stdout and "start " not in second.stdout
+
+
+def test_experiment_plan_is_the_full_design():
+    from statistical_auditing import experiment
+
+    jobs, runs = experiment.plan({**{k.lower(): v for k, v in vars(experiment).items() if k.isupper()
+                                     and isinstance(v, (str, int))}, "out": "/x", "data": "/d"})
+    assert len(runs) == 9 and sorted({r.split("/")[-1].split("-")[0] for r in runs}) == ["debiased", "projected",
+                                                                                          "w2v"]
+    names = [j.name for j in jobs]
+    assert names.count("combine") == 1 and sum(n.startswith("train/") for n in names) == 9
+    assert sum(n.startswith("dose/") for n in names) == 3  # the w2v arm only, by default
+    train = next(j for j in jobs if j.name == "train/debiased-jl1")
+    assert train.command[train.command.index("--debias") + 1] == "hard"
+    assert train.command[train.command.index("--jl_seed") + 1] == "1"
+    assert "--num_threads" in train.command and train.command[train.command.index("--num_threads") + 1] == "1"
+
+
+def test_experiment_rejects_bad_arms():
+    result = run_script("statistical_auditing/experiment.py", "--arms", "w2v,sideways", check=False)
+    assert result.returncode == 2 and "--arms" in result.stderr and "Traceback" not in result.stderr
