@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, csv_text, require_writable,
                                               writable_folder)
     from statistical_auditing import cli_common as cc
+    from statistical_auditing.stats import binary_auc
 
     cfg = config_from_constants(constants_of(globals()), None, argv,
                                 choices={**DATA_CHOICES, **MODEL_CHOICES, "loss": ELBO_LOSSES},
@@ -268,15 +269,20 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
     require(bool(predictions), f"--data {cfg['data']}: every selected image was unreadable")
     n = len(predictions)
+    auc = None
+    if len(classes) == 2:  # threshold-free: how well p(class 1) - p(class 0) separates the classes
+        auc = binary_auc([p[f"p_{classes[1]}"] - p[f"p_{classes[0]}"] for p in predictions],
+                         [p["label"] == classes[1] for p in predictions])
     row = cc.accuracy_row("elbo", "", "", cfg["n_samples"], sum(matrix[i][i] for i in range(len(classes))), n,
-                          seconds, evals, ties=sum(r[-1] for r in matrix))
+                          seconds, evals, auc=auc, ties=sum(r[-1] for r in matrix))
     atomic_write_text(out / "summary.csv", csv_text([row], cc.SUMMARY_COLUMNS))
     atomic_write_text(out / "predictions.csv", csv_text(
         predictions, ["image_id", "label", "predicted", "n_evals"] + [f"p_{c}" for c in classes]))
     atomic_write_text(out / "confusion.csv", cc.confusion_text(matrix, classes))
     print(f"ELBO classifier ({cfg['n_samples']} timesteps, {cfg['loss']}"
           + (f", prune {cfg['prune']}" if prune else "") + f"): accuracy {row['accuracy']:.3f} "
-          f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (95% Wilson, n={n}), {row['evals_per_image']:g} UNet "
+          f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (95% Wilson, n={n})"
+          + ("" if auc is None else f", AUC {auc:.3f}") + f", {row['evals_per_image']:g} UNet "
           f"evaluations and {row['seconds_per_image']:.4f} s per image; results in {out}")
     return {"row": row, "confusion": matrix, "classes": classes, "predictions": predictions,
             "candidates": candidates}

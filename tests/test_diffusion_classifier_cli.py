@@ -54,6 +54,14 @@ def test_stable_diffusion_on_fairface_csv(tmp_path_factory, tmp_path, capsys):
     assert result["row"]["evals_per_image"] == 4
     assert sum(map(sum, result["confusion"])) == 4
     assert "UNet evaluations" in capsys.readouterr().out
+    # AUC of p(female) - p(male) by the pair count (Mann-Whitney), independently of stats.binary_auc
+    predictions = _rows(out / "predictions.csv")
+    margin = {i: float(p["p_female"]) - float(p["p_male"]) for i, p in enumerate(predictions)}
+    female = [i for i, p in enumerate(predictions) if p["label"] == "female"]
+    male = [i for i, p in enumerate(predictions) if p["label"] == "male"]
+    if female and male:
+        wins = sum((margin[f] > margin[m]) + 0.5 * (margin[f] == margin[m]) for f in female for m in male)
+        assert result["row"]["auc"] == pytest.approx(wins / (len(female) * len(male)), abs=1e-6)
     err = cli_error(dc.main, ["--model", str(model), "--data", str(data), "--n_samples", "4", "--prune", "5:1",
                               "--out", str(tmp_path / "bad")], capsys)
     # (stderr may also hold transformers' "Loading weights" bar: one error line, and it is the last)
