@@ -734,8 +734,7 @@ def main(argv: list[str] | None = None) -> dict:
                     hair = np.concatenate(entry["calls"]["attribute"])
                     called = hair != UNDECIDED
                     a = share_of_calls(hair[called])
-                    s = share_of_calls(decide(weights[torch.from_numpy(called)]).numpy()) if called.any() else \
-                        share_of_calls([])
+                    s = share_of_calls(np.concatenate(entry["calls"]["scoredecomp"])[called])  # the audit's call
                     difference = s["share"] - a["share"] if a["n"] and s["n"] else math.nan
                     agreement.append({"word": word, "guidance": guidance, "attribute": a, "scoredecomp": s,
                                       "difference": difference,
