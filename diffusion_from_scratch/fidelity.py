@@ -80,19 +80,19 @@ def bar_failures(word: str, shares: dict[str, float], expected: dict[str, float]
     """Which criteria of the acceptance bar a word's measured shares miss (at guidance 1)."""
     failures = []
     if shares["hair_called"] < BAR_MIN_HAIR_CALLED:
-        failures.append(f"hair called {shares['hair_called']:.0%} < {BAR_MIN_HAIR_CALLED:.0%}")
+        failures.append(f"hair called {shares['hair_called']:.1%} < {BAR_MIN_HAIR_CALLED:.0%}")
     if word == "man" and shares["long"] > BAR_MAX_LONG_MAN:
-        failures.append(f"long hair {shares['long']:.0%} > {BAR_MAX_LONG_MAN:.0%}")
+        failures.append(f"long hair {shares['long']:.1%} > {BAR_MAX_LONG_MAN:.0%}")
     if word == "woman" and shares["long"] < BAR_MIN_LONG_WOMAN:
-        failures.append(f"long hair {shares['long']:.0%} < {BAR_MIN_LONG_WOMAN:.0%}")
+        failures.append(f"long hair {shares['long']:.1%} < {BAR_MIN_LONG_WOMAN:.0%}")
     if word in BAR_MIN_SCENE:
         scene, minimum = BAR_MIN_SCENE[word]
         if shares[scene] < minimum:
-            failures.append(f"{scene} {shares[scene]:.0%} < {minimum:.0%}")
+            failures.append(f"{scene} {shares[scene]:.1%} < {minimum:.0%}")
     if word in BAR_SCENE_WORDS:
         for scene in SCENES:
             if abs(shares[scene] - expected[scene]) > BAR_SCENE_TOLERANCE:
-                failures.append(f"{scene} {shares[scene]:.0%} vs {expected[scene]:.0%} expected")
+                failures.append(f"{scene} {shares[scene]:.1%} vs {expected[scene]:.0%} expected")
     return failures
 
 

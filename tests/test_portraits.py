@@ -96,3 +96,15 @@ def test_hair_between_the_bands_is_unclear():
     image = _portrait(background, clothes)
     image[4:18, 15:17] = 20
     assert measure_attributes(image)[0]["hair"] == "unclear"
+
+
+def test_fidelity_bar_by_hand_shows_the_share_that_missed():
+    """Woman with 484 long of 510 called (94.9%) misses the 95% bar; the message must not round it to 95%."""
+    from diffusion_from_scratch.fidelity import bar_failures
+    expected = {"neutral": 0.5, "hospital": 0.25, "library": 0.25}
+    shares = {"hair_called": 510 / 512, "long": 484 / 510, "neutral": 0.5, "hospital": 0.25, "library": 0.25}
+    assert bar_failures("woman", shares, expected) == ["long hair 94.9% < 95%"]
+    assert bar_failures("woman", shares | {"long": 485 / 510}, expected) == []  # 95.1%
+    shares_man = shares | {"long": 0.0, "hospital": 0.12, "neutral": 0.63}  # 13 points from 25%: outside 12
+    assert bar_failures("man", shares_man, expected) == ["neutral 63.0% vs 50% expected",
+                                                          "hospital 12.0% vs 25% expected"]
