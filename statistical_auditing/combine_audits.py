@@ -57,7 +57,7 @@ SEED = 0  # [0, 2**63) bootstrap seed
 JL_DIMS = "64,128,256"  # list of ints in [1, inf): projection sizes for the projection-only gap shifts
 JL_SHIFT_SEEDS = "0,1,2"  # list of ints in [0, 2**32): JL seeds for the projection-only gap shifts
 REFERENCE_ARM = "w2v"  # arm the others are contrasted with
-INCLUDE_FAILED = False  # pool runs that fail their controls too (only for smoke checks of the pipeline)
+INCLUDE_FAILED = False  # pool runs that fail their controls too (a sensitivity analysis, or a smoke check)
 
 ARM_NAMES = {"none": "w2v", "hard": "debiased", "projected": "projected"}
 ARM_TEXT = {"w2v": "word2vec as it is", "debiased": "hard-debiased before the JL projection",
@@ -392,8 +392,9 @@ def write_report(out: Path, ctx: dict) -> None:
     lines = ["# Combined audit of the experiment", "",
              f"{len(runs)} runs in {len(ctx['arms'])} arms ({', '.join(f'{a}: {ARM_TEXT.get(a, a)}' for a in ctx['arms'])}); "
              f"{len(included)} enter the pooled estimates"
-             + (" (**--include_failed: runs that fail their controls are pooled too; a pipeline check, not a "
-                "result**)" if ctx["cfg"]["include_failed"] else " (those that pass their controls)")
+             + (" (**--include_failed: runs that fail their controls are pooled too: a sensitivity analysis or a "
+                "pipeline check; the primary estimates leave them out**)" if ctx["cfg"]["include_failed"]
+                else " (those that pass their controls)")
              + f". Bootstrap: {ctx['cfg']['n_boot']} "
              f"two-stage resamples (runs, then words or images), seed {ctx['cfg']['seed']}.", "",
              "## Runs and their controls", "",
