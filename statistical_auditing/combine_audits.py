@@ -23,14 +23,15 @@ pooled estimate.
    (experiment_stats.hierarchical_regression); a regression whose x has no spread (a
    debiased gap) is reported as undefined. Each arm's slope minus the w2v slope, with
    intervals. Held-out prediction: the line fitted on half the words (alternate ranks of the
-   original gap) predicts the other half.
+   original gap) predicts the other half. How far apart the words' shares are: their sd and
+   the part beyond binomial noise (experiment_stats.between_word_sd), per run and arm.
 3. What a random projection does to a word's gap without any training: the distribution of
    (after-JL gap - before-JL gap) over all usable professions, per JL seed and for projection
    sizes --jl_dims, for the original and the hard-debiased embedding.
 4. Dose-response slopes and Lipschitz ratios, per run and per arm.
 
 Outputs in --out: report.md, runs.csv, seen.csv, seen_arms.csv, regressions.csv,
-contrasts.csv, held_out.csv, jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv,
+contrasts.csv, held_out.csv, unseen.csv, spread.csv, jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv,
 dose_points.csv, lipschitz.csv, and PNGs.
 """
 from __future__ import annotations
@@ -211,6 +212,40 @@ def contrasts(arm_fits: dict, reference: str) -> list[dict]:
                      "defined": c["defined"], "difference": c["difference"], "ci_low": c["ci"][0],
                      "ci_high": c["ci"][1]})
     return rows
+
+
+def unseen_tables(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """Every run's unseen-word shares (one row per run, word, scale, method), and per run and arm
+    how far apart the words' shares are: sd and the spread beyond sampling noise (tau)."""
+    per_word = [{"run": run["name"], "arm": run["arm"], "jl_seed": run["jl_seed"], "included": run in included,
+                 **{key: r[key] for key in ("word", "guidance", "method", "n", "successes", "share", "ci_low",
+                                            "ci_high", *X_VARIANTS)}}
+                for run in runs for r in run["shares"] if not r["seen"] and r["n"] > 0]
+    spread = []
+    combos = list(dict.fromkeys((r["guidance"], r["method"]) for r in per_word))
+
+    def counts(run_name, guidance, method):
+        rows = [r for r in per_word if (r["run"], r["guidance"], r["method"]) == (run_name, guidance, method)]
+        return [r["successes"] for r in rows], [r["n"] for r in rows]
+
+    for guidance, method in combos:
+        for run in runs:
+            one = E.pooled_between_word_sd([counts(run["name"], guidance, method)], cfg["n_boot"], cfg["seed"])
+            spread.append(spread_row("run", run["name"], run["arm"], guidance, method, one, run in included))
+        for arm in dict.fromkeys(r["arm"] for r in included):
+            members = [run for run in included if run["arm"] == arm]
+            pooled = E.pooled_between_word_sd([counts(run["name"], guidance, method) for run in members],
+                                              cfg["n_boot"], cfg["seed"])
+            spread.append(spread_row("arm", arm, arm, guidance, method, pooled, True))
+    return per_word, spread
+
+
+def spread_row(level: str, name: str, arm: str, guidance: float, method: str, result: dict, included: bool) -> dict:
+    return {"level": level, "name": name, "arm": arm, "guidance": guidance, "method": method, "included": included,
+            "n_runs": result["n_runs"], "sd": result["sd"], "sd_ci_low": result["sd_ci"][0],
+            "sd_ci_high": result["sd_ci"][1], "tau": result["tau"], "tau_ci_low": result["tau_ci"][0],
+            "tau_ci_high": result["tau_ci"][1], "noise_sd": result["noise_sd"], "min": result["min"],
+            "max": result["max"]}
 
 
 def held_out(included: list[dict]) -> list[dict]:
@@ -448,6 +483,19 @@ def write_report(out: Path, ctx: dict) -> None:
         diff = f"{fmt(c['difference'])} {fmt_ci((c['ci_low'], c['ci_high']))}" if c["defined"] else "undefined"
         lines.append(f"| {c['arm']} | {c['guidance']:g} | {METHOD_NAMES.get(c['method'], c['method'])} | "
                      f"{X_VARIANTS[c['x']]} | {diff} |")
+    lines += ["", "### How far apart are the unseen words' shares?", "",
+              "Standard deviation of the female share across the unseen words (mean over the arm's runs), the "
+              "part of it beyond binomial sampling noise (tau = sqrt(var - mean p(1-p)/(n-1)); 0 = the words differ "
+              "by noise alone), the noise's own sd, and the lowest and highest share; 95% intervals from a "
+              "two-stage bootstrap over runs and words.", "",
+              "| arm | guidance | method | sd of shares [95% CI] | tau, beyond noise [95% CI] | noise sd | "
+              "lowest - highest share |", "|---|---|---|---|---|---|---|"]
+    for r in ctx["spread_rows"]:
+        if r["level"] == "arm":
+            lines.append(f"| {r['arm']} | {r['guidance']:g} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                         f"{fmt(r['sd'])} {fmt_ci((r['sd_ci_low'], r['sd_ci_high']))} | "
+                         f"{fmt(r['tau'])} {fmt_ci((r['tau_ci_low'], r['tau_ci_high']))} | {fmt(r['noise_sd'])} | "
+                         f"{fmt(r['min'])} - {fmt(r['max'])} |")
     lines += ["", "### Held-out prediction (fit on half the words, predict the other half)", "",
               "| arm | guidance | method | x | RMSE | MAE | R^2 out of sample |", "|---|---|---|---|---|---|---|"]
     for h in ctx["held_rows"]:
@@ -487,7 +535,8 @@ def write_report(out: Path, ctx: dict) -> None:
             lines.append(f"| {r['run']} | {r['t']} | {r['median']:.3f} / {r['max']:.3f} | {r['score_median']:.3f} / "
                          f"{r['score_max']:.3f} | {r['x0_median']:.3f} / {r['x0_max']:.3f} | "
                          f"{fmt(r['output_lipschitz'], '.3f')} |")
-    lines += ["", "Files: runs.csv, seen.csv, seen_arms.csv, regressions.csv, contrasts.csv, held_out.csv, "
+    lines += ["", "Files: runs.csv, seen.csv, seen_arms.csv, regressions.csv, contrasts.csv, held_out.csv, unseen.csv, "
+              "spread.csv, "
               "jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv, dose_points.csv, lipschitz.csv, PNGs.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
@@ -505,6 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     fit_rows, arm_fits = regressions(runs, included, cfg)
     contrast_rows = contrasts(arm_fits, cfg["reference_arm"])
     held_rows = held_out(included)
+    unseen_rows, spread_rows = unseen_tables(runs, included, cfg)
     shift_rows, shift_summary = jl_shifts(runs, cfg)
     dose_slopes, dose_points = dose_tables(included)
     lipschitz_rows = lipschitz_table(included)
@@ -529,12 +579,14 @@ def main(argv: list[str] | None = None) -> dict:
                 for r in runs]
     atomic_write_text(out / "runs.csv", compact_csv_text(run_rows, list(run_rows[0])))
     for name, rows in (("seen.csv", seen_runs), ("seen_arms.csv", seen_arms), ("regressions.csv", fit_rows),
-                       ("contrasts.csv", contrast_rows), ("held_out.csv", held_rows), ("jl_shifts.csv", shift_rows),
+                       ("contrasts.csv", contrast_rows), ("held_out.csv", held_rows), ("unseen.csv", unseen_rows),
+                       ("spread.csv", spread_rows), ("jl_shifts.csv", shift_rows),
                        ("jl_shift_summary.csv", shift_summary), ("dose_slopes.csv", dose_slopes),
                        ("dose_points.csv", dose_points), ("lipschitz.csv", lipschitz_rows)):
         atomic_write_text(out / name, compact_csv_text(rows, list(rows[0]) if rows else ["empty"]))
     ctx = dict(cfg=cfg, runs=runs, included=included, arms=list(dict.fromkeys(r["arm"] for r in runs)),
                seen_arms=seen_arms, fit_rows=fit_rows, contrast_rows=contrast_rows, held_rows=held_rows,
+               spread_rows=spread_rows,
                shift_summary=shift_summary, dose_slopes=dose_slopes, lipschitz_rows=lipschitz_rows,
                guidances=guidances, methods=methods, plots=plots,
                min_homogeneity_p=min(homogeneity) if homogeneity else math.nan, n_homogeneity=len(homogeneity))

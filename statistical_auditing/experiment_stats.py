@@ -81,6 +81,63 @@ def pooled_over_runs(counts: Sequence[tuple[int, int]], n_boot: int = 2000, seed
             "run_sd": float(shares.std(ddof=1)) if len(counts) > 1 else math.nan}
 
 
+def between_word_sd(successes: Sequence[int], n: Sequence[int]) -> dict:
+    """How much the words' female shares differ beyond their sampling noise, in ONE run.
+
+    With p_i = s_i / n_i for words i = 1..m, the observed spread is the sample standard
+    deviation sd(p) (ddof 1). Each p_i carries binomial noise of variance p(1 - p) / n_i,
+    estimated without bias by p_i (1 - p_i) / (n_i - 1); the between-word standard deviation
+    is the method-of-moments estimate (DerSimonian & Laird 1986)
+    tau = sqrt(max(0, var(p) - mean_i p_i (1 - p_i) / (n_i - 1))).
+    tau = 0 means the words differ no more than sampling noise alone would make them.
+    Returns dict(sd, tau, noise_sd = sqrt(mean noise variance), min, max, n_words).
+    """
+    s = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    if s.shape != n.shape or ((s < 0) | (s > n)).any():
+        raise ValueError("between_word_sd: expected 0 <= successes <= n for every word")
+    keep = n > 1
+    s, n = s[keep], n[keep]
+    if s.size < 2:
+        return {"sd": math.nan, "tau": math.nan, "noise_sd": math.nan, "min": math.nan, "max": math.nan,
+                "n_words": int(s.size)}
+    p = s / n
+    variance = float(p.var(ddof=1))
+    noise = float(np.mean(p * (1.0 - p) / (n - 1.0)))
+    return {"sd": math.sqrt(variance), "tau": math.sqrt(max(0.0, variance - noise)), "noise_sd": math.sqrt(noise),
+            "min": float(p.min()), "max": float(p.max()), "n_words": int(s.size)}
+
+
+def pooled_between_word_sd(groups: Sequence[tuple[Sequence[int], Sequence[int]]], n_boot: int = 2000,
+                           seed: int = 0, level: float = 0.95) -> dict:
+    """``between_word_sd`` averaged over runs, with a two-stage percentile bootstrap interval.
+
+    ``groups``: one (successes, n) pair of per-word arrays per run. The estimates are the means
+    over runs of sd and tau; the interval resamples the runs, then the words within each drawn
+    run (as ``hierarchical_regression`` does), and recomputes the mean tau and mean sd; min and
+    max are the lowest and highest share over all runs.
+    """
+    groups = [(np.asarray(s, dtype=np.float64), np.asarray(n, dtype=np.float64)) for s, n in groups]
+    groups = [(s, n) for s, n in groups if s.size >= 2]
+    if not groups:
+        return {"sd": math.nan, "sd_ci": (math.nan, math.nan), "tau": math.nan, "tau_ci": (math.nan, math.nan),
+                "noise_sd": math.nan, "n_runs": 0, "min": math.nan, "max": math.nan}
+    per_run = [between_word_sd(s, n) for s, n in groups]
+    rng = np.random.default_rng(seed)
+    replicates = np.empty((int(n_boot), 2))
+    for b in range(int(n_boot)):
+        drawn = []
+        for r in rng.integers(0, len(groups), size=len(groups)):
+            s, n = groups[r]
+            idx = rng.integers(0, s.size, size=s.size)
+            drawn.append(between_word_sd(s[idx], n[idx]))
+        replicates[b] = (np.mean([d["sd"] for d in drawn]), np.mean([d["tau"] for d in drawn]))
+    return {"sd": float(np.mean([r["sd"] for r in per_run])), "sd_ci": _percentile_ci(replicates[:, 0], level),
+            "tau": float(np.mean([r["tau"] for r in per_run])), "tau_ci": _percentile_ci(replicates[:, 1], level),
+            "noise_sd": float(np.mean([r["noise_sd"] for r in per_run])), "n_runs": len(groups),
+            "min": min(r["min"] for r in per_run), "max": max(r["max"] for r in per_run)}
+
+
 # ----------------------------------------------------------------------------- regressions
 
 

@@ -269,7 +269,7 @@ def test_combine_audits_pools_seeds_runs_and_arms_by_hand(tmp_path):
     # projected: slope 1. A third w2v run fails its controls and must be left out.
     _fake_audit(tmp_path / "w2v-jl0", "none", 0, [(30, 100), (20, 100)], 2.0)
     _fake_audit(tmp_path / "w2v-jl1", "none", 1, [(60, 100), (40, 100)], 2.0)
-    _fake_audit(tmp_path / "w2v-jl2", "none", 2, [(100, 100)], 9.0, failed=["fidelity"])
+    _fake_audit(tmp_path / "w2v-jl2", "none", 2, [(100, 100)], 3.0, failed=["fidelity"])
     _fake_audit(tmp_path / "debiased-jl0", "hard", 0, [(50, 100)], 0.0)
     _fake_audit(tmp_path / "projected-jl0", "projected", 0, [(50, 100)], 1.0)
     runs = ",".join(str(tmp_path / n) for n in ("w2v-jl0", "w2v-jl1", "w2v-jl2", "debiased-jl0", "projected-jl0"))
@@ -292,6 +292,13 @@ def test_combine_audits_pools_seeds_runs_and_arms_by_hand(tmp_path):
     assert not contrasts[("debiased", "cosine_gap")]["defined"]
     held = {(h["arm"], h["x"]): h for h in result["held_out"]}
     assert held[("w2v", "cosine_gap_w2v")]["rmse"] < 0.01  # words on a line predict each other
+    # spread of the unseen shares: w2v's are 0.3, 0.4, ..., 0.8 of 100 in both runs; debiased's all 0.5
+    spread = {r["name"]: r for r in read_csv(out / "spread.csv") if r["level"] == "arm"}
+    assert float(spread["w2v"]["sd"]) == pytest.approx(math.sqrt(0.035))
+    assert float(spread["w2v"]["tau"]) == pytest.approx(math.sqrt(0.035 - 1.31 / 6 / 99))
+    assert float(spread["debiased"]["sd"]) == 0.0 and float(spread["debiased"]["tau"]) == 0.0
+    assert (float(spread["w2v"]["min"]), float(spread["w2v"]["max"])) == (0.3, 0.8)
+    assert len(read_csv(out / "unseen.csv")) == 5 * 6  # every run's unseen words, failed runs too
     report = (out / "report.md").read_text()
     assert "undefined" in report and "w2v-jl2" in report and "FAILED: fidelity" in report
     with pytest.raises(InputError, match="no complete audit"):

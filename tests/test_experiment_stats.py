@@ -125,3 +125,35 @@ def test_hierarchical_bootstrap_with_one_run_matches_scipy_pairs_bootstrap_rough
                                       n_resamples=4000, method="percentile", random_state=2)
     low, high = reference.confidence_interval
     assert fit["slope_ci"][0] == pytest.approx(low, abs=0.08) and fit["slope_ci"][1] == pytest.approx(high, abs=0.08)
+
+
+def test_between_word_sd_by_hand():
+    """p = 1/4, 3/4 with n = 4: var(p) = 0.125, noise = mean(p(1-p)/(n-1)) = 0.0625, tau = 0.25."""
+    r = E.between_word_sd([1, 3], [4, 4])
+    assert r["sd"] == pytest.approx(math.sqrt(0.125))
+    assert r["noise_sd"] == pytest.approx(0.25)
+    assert r["tau"] == pytest.approx(0.25)
+    assert (r["min"], r["max"], r["n_words"]) == (0.25, 0.75, 2)
+    # equal shares: no spread at all, and tau is clipped at 0 (noise exceeds the observed variance)
+    assert E.between_word_sd([2, 2, 2], [4, 4, 4])["tau"] == 0.0
+    assert E.between_word_sd([2, 3, 2], [4, 4, 4])["tau"] == 0.0
+    assert math.isnan(E.between_word_sd([1], [4])["tau"])
+
+
+def test_between_word_sd_separates_noise_from_real_spread():
+    """20 words at p = 0.5 (n = 64) differ by noise only; words at 0.3 / 0.7 differ by 0.2 (sd)."""
+    rng = np.random.default_rng(0)
+    noise_only = [E.between_word_sd(rng.binomial(64, 0.5, size=20), [64] * 20)["tau"] for _ in range(200)]
+    real = [E.between_word_sd(rng.binomial(64, np.repeat([0.3, 0.7], 10)), [64] * 20)["tau"] for _ in range(200)]
+    assert np.mean(noise_only) < 0.03
+    assert abs(np.mean(real) - math.sqrt(0.04 * 20 / 19)) < 0.02  # sd (ddof 1) of ten 0.3s and ten 0.7s
+
+
+def test_pooled_between_word_sd_averages_runs_by_hand():
+    r = E.pooled_between_word_sd([([1, 3], [4, 4]), ([2, 2], [4, 4])], n_boot=200)
+    assert r["tau"] == pytest.approx(0.125)  # (0.25 + 0) / 2
+    assert r["sd"] == pytest.approx(math.sqrt(0.125) / 2)
+    assert r["n_runs"] == 2 and r["tau_ci"][0] >= 0.0 and r["tau_ci"][1] <= 0.25 + 1e-12
+    assert (r["min"], r["max"]) == (0.25, 0.75)
+    flat = E.pooled_between_word_sd([([2, 2, 2], [4, 4, 4])], n_boot=50)
+    assert flat["tau"] == 0.0 and flat["tau_ci"] == (0.0, 0.0)
