@@ -28,6 +28,13 @@ def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- shares
 
 
+def _two_stage_draw(sizes: Sequence[int], rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+    """One resample of a two-stage (hierarchical) bootstrap (Davison & Hinkley 1997, sec. 3.8):
+    draw len(sizes) groups (runs) with replacement, then within each drawn group draw its
+    sizes[r] members (words) with replacement. Returns (group index, member indices) pairs."""
+    return [(int(r), rng.integers(0, sizes[r], size=sizes[r])) for r in rng.integers(0, len(sizes), size=len(sizes))]
+
+
 def pooled_share(counts: Sequence[tuple[int, int]], level: float = 0.95) -> dict:
     """Pool (successes, n) counts of several sampling seeds of ONE model.
 
@@ -126,11 +133,8 @@ def pooled_between_word_sd(groups: Sequence[tuple[Sequence[int], Sequence[int]]]
     rng = np.random.default_rng(seed)
     replicates = np.empty((int(n_boot), 2))
     for b in range(int(n_boot)):
-        drawn = []
-        for r in rng.integers(0, len(groups), size=len(groups)):
-            s, n = groups[r]
-            idx = rng.integers(0, s.size, size=s.size)
-            drawn.append(between_word_sd(s[idx], n[idx]))
+        drawn = [between_word_sd(groups[r][0][idx], groups[r][1][idx])
+                 for r, idx in _two_stage_draw([s.size for s, _ in groups], rng)]
         replicates[b] = (np.mean([d["sd"] for d in drawn]), np.mean([d["tau"] for d in drawn]))
     return {"sd": float(np.mean([r["sd"] for r in per_run])), "sd_ci": _percentile_ci(replicates[:, 0], level),
             "tau": float(np.mean([r["tau"] for r in per_run])), "tau_ci": _percentile_ci(replicates[:, 1], level),
@@ -194,14 +198,9 @@ def hierarchical_regression(groups: Sequence[tuple[Sequence[float], Sequence[flo
     rng = np.random.default_rng(seed)
     replicates = []
     for _ in range(int(n_boot)):
-        runs = rng.integers(0, len(groups), size=len(groups))
-        xs, ys = [], []
-        for r in runs:
-            x, y = groups[r]
-            idx = rng.integers(0, x.size, size=x.size)
-            xs.append(x[idx])
-            ys.append(y[idx])
-        xb, yb = np.concatenate(xs), np.concatenate(ys)
+        draws = _two_stage_draw([x.size for x, _ in groups], rng)
+        xb = np.concatenate([groups[r][0][idx] for r, idx in draws])
+        yb = np.concatenate([groups[r][1][idx] for r, idx in draws])
         if x_has_spread(xb, min_sd):
             replicates.append(ols(xb, yb)[::2])
     replicates = np.asarray(replicates, dtype=np.float64).reshape(-1, 2)
