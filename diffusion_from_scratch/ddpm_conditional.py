@@ -46,7 +46,8 @@ from diffusion_from_scratch.word_vectors import DEBIAS_MODES
 from diffusion_from_scratch.pipeline import (DDPM_VARIANCES, SAMPLERS, grad_scaler_state, latest_checkpoint,
                                              load_checkpoint, min_snr_weight, optimizer_state, prefixed,
                                              read_run_config, remove_orphaned_checkpoints, restore_grad_scaler,
-                                             sample, sampling_scheduler, save_checkpoint, sha256_hex, train_scheduler)
+                                             sample, sampling_scheduler, save_checkpoint, sha256_hex, train_scheduler,
+                                             training_timesteps)
 from diffusion_from_scratch.utils import (DATA_DIR, IMAGE_SUFFIXES, atomic_write_bytes, atomic_write_json,
                                           atomic_write_text, csv_text, derived_seed, load_class_words, load_json,
                                           load_split, progress_bar, remove_orphaned_temporaries, require_memory,
@@ -81,6 +82,7 @@ PREDICTION = "v_prediction"  # epsilon (the original) | v_prediction | sample
 BETA_SCHEDULE = "squaredcos_cap_v2"  # linear (1e-4 -> 0.02, the original) | squaredcos_cap_v2 (cosine)
 NUM_TRAIN_TIMESTEPS = 1000  # [1, inf) diffusion steps
 MIN_TIMESTEP = 0  # [0, inf) training timesteps t ~ U{MIN_TIMESTEP .. NUM_TRAIN_TIMESTEPS - 1} (the original: 1)
+TIMESTEP_SHIFT = 1.0  # (0, inf) SD3's timestep shift of that draw (1 = uniform, > 1 = more samples at high noise)
 DDPM_VARIANCE = "posterior"  # ancestral sampler's noise: posterior (beta-tilde) | beta (sqrt(beta_t), the original)
 MIN_SNR_GAMMA = 0.0  # [0, inf) min-SNR loss weighting (0 = plain MSE on the target, more weight on high noise)
 AUGMENT = "flip"  # none | flip | crop (Resize 1.25x + RandomResizedCrop 0.8-1, the original)
@@ -91,6 +93,7 @@ NORM_GROUPS = 8  # [1, inf) GroupNorm groups (the original: 1)
 WORD_SCALE = 8.0  # (-inf, inf) multiplier of the word half (the time half has norm 8)
 COND_MLP = True  # learned MLP on the conditioning vector (EDM-style); False = the original
 SCALE_SHIFT = True  # blocks apply it as h * (1 + scale) + shift (ADM's AdaGN); False = + shift (the original)
+BOTTLENECK_COND = False  # the bottleneck's convs receive the conditioning too; False = the original (only Down/Up)
 CHANNELS_LAST = True  # channels-last memory format (faster convolutions on CPU)
 PRECISION = "auto"  # auto (fp16 on CUDA, fp32 elsewhere) | fp32 | fp16 | bf16
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
@@ -109,10 +112,10 @@ PRESETS = {
     "tiny": {},
     "paper": dict(image_size=64, epochs=81, batch_size=50, pair_order="consecutive", lr=1e-4, adam_eps=1e-5,
                   weight_decay=0.01, lr_schedule="onecycle", grad_clip=0.0, ema_beta=0.995, ema_warmup=2000,
-                  cond_dropout=0.05, prediction="epsilon", beta_schedule="linear", min_timestep=1,
+                  cond_dropout=0.05, prediction="epsilon", beta_schedule="linear", min_timestep=1, timestep_shift=1.0,
                   ddpm_variance="beta", min_snr_gamma=0.0, augment="crop", widths="64,128,256,256", bottleneck=512,
                   attention="1,1,1,1,1,1", norm_groups=1, word_scale=1.0, cond_mlp=False, scale_shift=False,
-                  channels_last=False, checkpoint_every=2000, sample_every=8, sampler="ddpm", sample_steps=1000,
+                  bottleneck_cond=False, channels_last=False, checkpoint_every=2000, sample_every=8, sampler="ddpm", sample_steps=1000,
                   dataset_path="data/generated/portraits/64", run_dir="runs/paper"),
     "smoke": dict(epochs=1, max_steps=6, batch_size=8, widths="8,16,16,16", bottleneck=16, attention="0,0,1,0,0,0",
                   norm_groups=4, checkpoint_every=3, sample_every=1, sample_per_word=2, sample_steps=4,
@@ -131,7 +134,8 @@ RESUMABLE_OVERRIDES = ("resume", "device", "wandb", "epochs", "max_steps", "num_
 # describe this process's machine (device, threads, logger).
 PERSISTED_OVERRIDES = ("epochs", "max_steps", "sample_every", "checkpoint_every", "keep_checkpoints", "class_balance")
 # What runs saved before these settings existed did (a resume of such a run keeps doing it).
-LEGACY_DEFAULTS = {"min_timestep": 0, "ddpm_variance": "posterior"}
+LEGACY_DEFAULTS = {"min_timestep": 0, "ddpm_variance": "posterior", "timestep_shift": 1.0,
+                   "bottleneck_cond": False}
 VALIDATION_CHUNK = 256  # [1, inf) held-out images per validation forward pass
 
 
@@ -143,7 +147,8 @@ def unet_config(cfg: dict) -> UNetConfig:
         return UNetConfig(image_size=cfg["image_size"], widths=tuple(ints(cfg["widths"], "widths")),
                           bottleneck=cfg["bottleneck"], attention=tuple(ints(cfg["attention"], "attention")),
                           norm_groups=cfg["norm_groups"], word_dim=cfg["jl_dim"], word_scale=cfg["word_scale"],
-                          cond_mlp=cfg["cond_mlp"], scale_shift=cfg["scale_shift"], emb_dim=cfg["jl_dim"] + 128)
+                          cond_mlp=cfg["cond_mlp"], scale_shift=cfg["scale_shift"],
+                          bottleneck_cond=cfg["bottleneck_cond"], emb_dim=cfg["jl_dim"] + 128)
     except ValueError as error:
         raise InputError(f"model shape: {error}") from None
 
@@ -652,7 +657,7 @@ def main(argv: list[str] | None = None) -> Path:
     alphas = scheduler.alphas_cumprod.to(device)
     table_dev = base_model.word_table
 
-    def loss_on(net, images_u8, words, step_seed, drop_p, aug, shard=True):
+    def loss_on(net, images_u8, words, step_seed, drop_p, aug, shard=True, shift=cfg["timestep_shift"]):
         """Loss of one batch: sum_i w_i * weight(t_i) * mean((net(x_t) - target)^2) over this
         process's samples i, with w_i from ``shard_of`` (the global batch mean after DDP's
         gradient average); ``shard=False`` scores the whole batch here (w_i = 1/n).
@@ -661,7 +666,7 @@ def main(argv: list[str] | None = None) -> Path:
         n = len(images_u8)
         x0 = images_u8.float() / 127.5 - 1
         x0 = augment(x0, aug, g)
-        t = torch.randint(cfg["min_timestep"], cfg["num_train_timesteps"], (n,), generator=g)
+        t = training_timesteps(n, cfg["min_timestep"], cfg["num_train_timesteps"], shift, g)
         noise = torch.randn(x0.shape, generator=g)
         keep = (torch.rand(n, generator=g) >= drop_p).float()[:, None]
         mine, share = shard_of(n, rank, world) if shard else (torch.arange(n), torch.full((n,), 1 / n))
@@ -684,7 +689,7 @@ def main(argv: list[str] | None = None) -> Path:
         net.eval()
         return validation_loss(lambda idx, start: float(loss_on(net, val_images[idx], val_words[idx],
                                                                 derived_seed(cfg["seed"], "val", start), 0.0,
-                                                                "none", shard=False)),
+                                                                "none", shard=False, shift=1.0)),
                                len(val_images))
 
     def save_samples(tag: str) -> None:

@@ -6,7 +6,7 @@ SelfAttention) -> 1x1 conv. With ``UNetConfig.paper()`` it has exactly the origi
 23,332,739 parameters. Widths, attention placement and GroupNorm groups are configurable
 for smaller presets.
 
-Conditioning: every block receives ``emb = [sinusoidal(t) (128) ; JL(word) (128)]``, with
+Conditioning: every Down/Up block (and with ``bottleneck_cond`` each bottleneck conv) receives ``emb = [sinusoidal(t) (128) ; JL(word) (128)]``, with
 zeros in the word half for the unconditional branch (classifier-free guidance). The
 ``paper`` setting feeds that vector to the blocks as the original did; ``cond_mlp=True``
 passes it through a learned 2-layer MLP first (the learned class-embedding route of EDM,
@@ -44,6 +44,7 @@ class UNetConfig:
     word_scale: float = 1.0  # multiplies the word half (unit JL vectors have norm ~1, the time half ~8)
     cond_mlp: bool = False  # learned MLP on the conditioning vector (EDM-style); False = the original
     scale_shift: bool = False  # blocks apply the vector as h * (1 + scale) + shift (ADM's AdaGN); False = + shift only
+    bottleneck_cond: bool = False  # the bottleneck's three convs also receive the vector; False = the original (none)
     emb_dim: int = 256  # width of the vector the blocks see (= time_dim + word_dim without the MLP)
 
     def __post_init__(self) -> None:
@@ -176,6 +177,10 @@ class ConditionalUNet(nn.Module):
         self.bot = nn.Sequential(DoubleConv(c3, config.bottleneck, groups=g),
                                  DoubleConv(config.bottleneck, config.bottleneck, groups=g),
                                  DoubleConv(config.bottleneck, c3, groups=g))
+        # The lowest resolution is where a sample's global attributes (hair, scene) are decided; the
+        # original conditions only the Down/Up outputs around it.
+        self.bot_cond = nn.ModuleList(Conditioned(ch, e, ss) for ch in (config.bottleneck, config.bottleneck, c3)) \
+            if config.bottleneck_cond else None
         self.up1, self.sa4 = Up(c3 + c2, c1, e, g, ss), attention(a[3], c1)
         self.up2, self.sa5 = Up(c1 + c1, c0, e, g, ss), attention(a[4], c0)
         self.up3, self.sa6 = Up(c0 + c0, c0, e, g, ss), attention(a[5], c0)
@@ -197,7 +202,11 @@ class ConditionalUNet(nn.Module):
         x2 = self.sa1(self.down1(x1, emb))
         x3 = self.sa2(self.down2(x2, emb))
         x4 = self.sa3(self.down3(x3, emb))
-        x4 = self.bot(x4)
+        if self.bot_cond is None:
+            x4 = self.bot(x4)
+        else:
+            for conv, condition in zip(self.bot, self.bot_cond):
+                x4 = condition(conv(x4), emb)
         x = self.sa4(self.up1(x4, x3, emb))
         x = self.sa5(self.up2(x, x2, emb))
         x = self.sa6(self.up3(x, x1, emb))

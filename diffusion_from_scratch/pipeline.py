@@ -78,6 +78,22 @@ def sampling_scheduler(train: DDPMScheduler, sampler: str, steps: int, ddpm_vari
     return scheduler
 
 
+def training_timesteps(n: int, low: int, high: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps in {low .. high - 1}.
+
+    ``shift`` = 1: uniform, t ~ U{low .. high - 1} (Ho et al. 2020). ``shift`` = s != 1: the
+    timestep shift of Esser et al. 2024 (SD3, eq. 23) on u ~ U(0, 1):
+    u' = s * u / (1 + (s - 1) * u), t = low + floor(u' * (high - low)); s > 1 moves samples to
+    high noise, where a sample's global attributes (hair, scene) are decided, e.g. s = 3 puts
+    half of them in the top quarter of the schedule (u' >= 3/4 iff u >= 1/2).
+    """
+    if shift == 1.0:  # the draws every run before this setting made
+        return torch.randint(low, high, (n,), generator=generator)
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return (low + torch.floor(shifted * (high - low))).long().clamp(max=high - 1)
+
+
 def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), SNR = abar / (1 - abar).
 

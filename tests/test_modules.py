@@ -76,3 +76,25 @@ def test_scale_shift_conditioning_by_hand():
         shift_only.emb[1].weight.zero_()
         shift_only.emb[1].bias.copy_(torch.tensor([1.0, 2.0]))
     assert torch.equal(shift_only(h, emb).flatten(), torch.tensor([4.0, 5.0]))
+
+
+def test_bottleneck_conditioning_adds_one_film_per_bottleneck_conv_and_nothing_else():
+    """bottleneck_cond adds Linear(emb_dim, 2 * ch) (AdaGN scale and shift) after each of the three
+    bottleneck convs, ch = bottleneck, bottleneck, widths[3]: (256 + 1) * 2 * (192 + 192 + 96)
+    parameters for tiny's shape; the original keys stay as they were (old checkpoints load), and with
+    the new layers' weights zero and biases zero the network computes exactly what it did without them."""
+    shape = dict(image_size=16, widths=(16, 32, 96, 96), bottleneck=192, attention=(0, 1, 1, 1, 0, 0), norm_groups=8,
+                 word_scale=8.0, cond_mlp=True, scale_shift=True)
+    torch.manual_seed(0)
+    plain = ConditionalUNet(UNetConfig(**shape))
+    with_bottleneck = ConditionalUNet(UNetConfig(**shape, bottleneck_cond=True))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(with_bottleneck) - count(plain) == (256 + 1) * 2 * (192 + 192 + 96)
+    missing, unexpected = with_bottleneck.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and all(key.startswith("bot_cond.") for key in missing)
+    with torch.no_grad():
+        for film in with_bottleneck.bot_cond:
+            film.emb[1].weight.zero_()
+            film.emb[1].bias.zero_()
+    x, t, words = torch.randn(2, 3, 16, 16), torch.tensor([5, 900]), torch.randn(2, 128)
+    assert torch.allclose(with_bottleneck(x, t, words), plain(x, t, words), atol=1e-6)

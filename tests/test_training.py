@@ -19,7 +19,7 @@ from diffusion_from_scratch.cli import InputError, config_from_constants
 from diffusion_from_scratch.ddpm_conditional import (PRESETS, constants_of, epoch_plan, lr_scheduler, lr_scheduler_at,
                                                      prepare_run, shard_of, step_scheduler, training_target,
                                                      validation_loss, validation_words)
-from diffusion_from_scratch.pipeline import min_snr_weight, train_scheduler
+from diffusion_from_scratch.pipeline import min_snr_weight, train_scheduler, training_timesteps
 from diffusion_from_scratch.utils import DATA_DIR, load_class_words, load_split, training_vocabulary
 
 SCRIPT = "diffusion_from_scratch/ddpm_conditional.py"
@@ -147,6 +147,21 @@ def test_min_snr_weights_by_hand():
     assert min_snr_weight(abar, t, 0.0, "epsilon").tolist() == [1, 1, 1]
 
 
+def test_timestep_shift_quantiles_by_hand():
+    """u' = s u / (1 + (s - 1) u) is increasing, so P(u' < x) = P(u < x / (s - (s - 1) x)):
+    s = 3 gives P(t < 500) = 0.5 / 2 = 1/4 and P(t >= 750) = 1 - 0.75 / 1.5 = 1/2 (uniform: 1/2
+    and 1/4); s = 1 draws exactly what torch.randint draws (the runs made before the setting)."""
+    n = 200_000
+    t = training_timesteps(n, 0, 1000, 3.0, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    assert float((t < 500).double().mean()) == pytest.approx(0.25, abs=0.004)  # 4 binomial sd
+    assert float((t >= 750).double().mean()) == pytest.approx(0.5, abs=0.005)
+    low = training_timesteps(n, 1, 1000, 1 / 3, torch.Generator().manual_seed(0))  # s < 1: toward low noise
+    assert int(low.min()) >= 1 and float((low < 500).double().mean()) == pytest.approx(0.75, abs=0.004)
+    same = training_timesteps(64, 1, 1000, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(same, torch.randint(1, 1000, (64,), generator=torch.Generator().manual_seed(5)))
+
+
 def test_shards_weight_every_sample_by_world_over_n():
     """n = 5 on 2 processes: ranks hold 0, 2, 4 and 1, 3, each weighted 2/5, so that DDP's average
     (1/2)(sum of both) is the mean over the 5; n = 1: rank 1 gets a zero-weighted stand-in."""
@@ -230,7 +245,8 @@ def test_paper_preset_is_the_original_configuration():
     assert (cfg["image_size"], cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["adam_eps"]) == (64, 50, 81, 1e-4, 1e-5)
     assert (cfg["ema_beta"], cfg["ema_warmup"], cfg["cond_dropout"]) == (0.995, 2000, 0.05)
     assert (cfg["prediction"], cfg["beta_schedule"], cfg["pair_order"]) == ("epsilon", "linear", "consecutive")
-    assert (cfg["lr_schedule"], cfg["min_timestep"], cfg["ddpm_variance"]) == ("onecycle", 1, "beta")
+    assert (cfg["lr_schedule"], cfg["min_timestep"], cfg["ddpm_variance"], cfg["timestep_shift"]) == \
+        ("onecycle", 1, "beta", 1.0)
     assert (cfg["sampler"], cfg["sample_steps"]) == ("ddpm", 1000)
     tiny = constants_of(vars(ddpm_conditional))
     assert (tiny["min_timestep"], tiny["ddpm_variance"]) == (0, "posterior")
@@ -365,6 +381,22 @@ def test_bare_resume_takes_the_saved_settings_and_prints_explicit_changes(tmp_pa
         prepare_run(*settings("--run_dir", str(run), "--resume", "true", "--lr", "0.5"))
     with pytest.raises(InputError, match="--preset differ"):
         prepare_run(*settings("--run_dir", str(run), "--resume", "true", "--preset", "paper"), preset_given=True)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_doing_what_it_did(tmp_path, smoke_run, monkeypatch):
+    """A config.json without timestep_shift / min_timestep / ddpm_variance was trained with uniform
+    timesteps from 0 and the posterior variance: a resume keeps that, whatever the defaults are now."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    record = json.loads((run / "config.json").read_text())
+    for key in ("timestep_shift", "min_timestep", "ddpm_variance"):
+        record["train"].pop(key)
+    (run / "config.json").write_text(json.dumps(record))
+    monkeypatch.setattr(ddpm_conditional, "TIMESTEP_SHIFT", 2.0)
+    monkeypatch.setattr(ddpm_conditional, "MIN_TIMESTEP", 1)
+    cfg, checkpoint, changes = prepare_run(*settings("--run_dir", str(run), "--resume", "true"))
+    assert checkpoint is not None and changes == {}
+    assert (cfg["timestep_shift"], cfg["min_timestep"], cfg["ddpm_variance"]) == (1.0, 0, "posterior")
 
 
 def test_explicit_longer_run_continues_and_is_recorded(tmp_path, smoke_run):
