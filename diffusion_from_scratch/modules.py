@@ -6,11 +6,12 @@ SelfAttention) -> 1x1 conv. With ``UNetConfig.paper()`` it has exactly the origi
 23,332,739 parameters. Widths, attention placement and GroupNorm groups are configurable
 for smaller presets.
 
-Conditioning: every Down/Up block (and with ``bottleneck_cond`` each bottleneck conv) receives ``emb = [sinusoidal(t) (128) ; JL(word) (128)]``, with
-zeros in the word half for the unconditional branch (classifier-free guidance). The
-``paper`` setting feeds that vector to the blocks as the original did; ``cond_mlp=True``
-passes it through a learned 2-layer MLP first (the learned class-embedding route of EDM,
-Karras et al. 2022) so the word half is not drowned by the larger-norm time half.
+Conditioning: every Down/Up block (and with ``bottleneck_cond`` each bottleneck conv) receives
+``emb = [sinusoidal(t) (128) ; JL(word) (128)]``, with zeros in the word half for the
+unconditional branch (classifier-free guidance). The ``paper`` setting feeds that vector to
+the blocks as the original did; ``cond_mlp=True`` passes it through a learned 2-layer MLP
+first (the learned class-embedding route of EDM, Karras et al. 2022) so the word half is not
+drowned by the larger-norm time half.
 
 Attention uses ``torch.nn.functional.scaled_dot_product_attention``: the original's
 ``nn.MultiheadAttention`` materialises the full (H*W)^2 attention matrix, 13.4 GB per copy

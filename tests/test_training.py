@@ -384,19 +384,22 @@ def test_bare_resume_takes_the_saved_settings_and_prints_explicit_changes(tmp_pa
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_doing_what_it_did(tmp_path, smoke_run, monkeypatch):
-    """A config.json without timestep_shift / min_timestep / ddpm_variance was trained with uniform
-    timesteps from 0 and the posterior variance: a resume keeps that, whatever the defaults are now."""
+    """A config.json without timestep_shift / min_timestep / ddpm_variance / bottleneck_cond was trained
+    with uniform timesteps from 0, the posterior variance and an unconditioned bottleneck: a resume
+    keeps that, whatever the defaults are now."""
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     record = json.loads((run / "config.json").read_text())
-    for key in ("timestep_shift", "min_timestep", "ddpm_variance"):
+    for key in ("timestep_shift", "min_timestep", "ddpm_variance", "bottleneck_cond"):
         record["train"].pop(key)
     (run / "config.json").write_text(json.dumps(record))
     monkeypatch.setattr(ddpm_conditional, "TIMESTEP_SHIFT", 2.0)
     monkeypatch.setattr(ddpm_conditional, "MIN_TIMESTEP", 1)
+    monkeypatch.setattr(ddpm_conditional, "BOTTLENECK_COND", True)
     cfg, checkpoint, changes = prepare_run(*settings("--run_dir", str(run), "--resume", "true"))
     assert checkpoint is not None and changes == {}
-    assert (cfg["timestep_shift"], cfg["min_timestep"], cfg["ddpm_variance"]) == (1.0, 0, "posterior")
+    assert (cfg["timestep_shift"], cfg["min_timestep"], cfg["ddpm_variance"], cfg["bottleneck_cond"]) == \
+        (1.0, 0, "posterior", False)
 
 
 def test_explicit_longer_run_continues_and_is_recorded(tmp_path, smoke_run):
