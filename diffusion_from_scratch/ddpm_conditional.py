@@ -65,7 +65,7 @@ DEBIAS = "none"  # none | hard (Bolukbasi et al. 2016 before the JL projection: 
 JL_SEED = 0  # [0, 2**32) seed of the Gaussian random projection 300 -> JL_DIM
 JL_DIM = 128  # [1, inf) word half of the conditioning vector
 IMAGE_SIZE = 32  # [1, inf) training resolution (images of another size are resized)
-EPOCHS = 8  # [1, inf) passes over all (image, word) pairs
+EPOCHS = 16  # [1, inf) passes over all (image, word) pairs
 MAX_STEPS = 0  # [0, inf) stop after this many optimizer steps (0 = run all epochs)
 BATCH_SIZE = 32  # [1, inf) images per optimizer step (across all processes)
 PAIR_ORDER = "shuffled"  # consecutive (3 steps per batch, one per word: the original) | shuffled pairs
@@ -77,12 +77,12 @@ WARMUP_STEPS = 100  # [0, inf) linear warm-up for the cosine schedule
 GRAD_CLIP = 1.0  # [0, inf) max gradient norm (0 = off)
 EMA_BETA = 0.995  # [0, 1) EMA decay (horizon ~200 steps, short against a few-thousand-step run)
 EMA_WARMUP = 200  # [0, inf) optimizer steps during which the EMA just copies the model
-COND_DROPOUT = 0.1  # [0, 1) per-sample probability of zeroing the word half (guidance dropout)
+COND_DROPOUT = 0.05  # [0, 1) per-sample probability of zeroing the word half (guidance dropout; the original: 0.05)
 PREDICTION = "v_prediction"  # epsilon (the original) | v_prediction | sample
 BETA_SCHEDULE = "squaredcos_cap_v2"  # linear (1e-4 -> 0.02, the original) | squaredcos_cap_v2 (cosine)
 NUM_TRAIN_TIMESTEPS = 1000  # [1, inf) diffusion steps
 MIN_TIMESTEP = 0  # [0, inf) training timesteps t ~ U{MIN_TIMESTEP .. NUM_TRAIN_TIMESTEPS - 1} (the original: 1)
-TIMESTEP_SHIFT = 1.0  # (0, inf) SD3's timestep shift of that draw (1 = uniform, > 1 = more samples at high noise)
+TIMESTEP_SHIFT = 3.0  # (0, inf) SD3's timestep shift of that draw (1 = uniform, > 1 = more samples at high noise)
 DDPM_VARIANCE = "posterior"  # ancestral sampler's noise: posterior (beta-tilde) | beta (sqrt(beta_t), the original)
 MIN_SNR_GAMMA = 0.0  # [0, inf) min-SNR loss weighting (0 = plain MSE on the target, more weight on high noise)
 AUGMENT = "flip"  # none | flip | crop (Resize 1.25x + RandomResizedCrop 0.8-1, the original)
@@ -90,10 +90,10 @@ WIDTHS = "16,32,96,96"  # list of ints in [1, inf): channels of inc, down1, down
 BOTTLENECK = 192  # [1, inf) bottleneck channels
 ATTENTION = "0,1,1,1,0,0"  # list of ints in [0, 1]: self-attention after down1..3 and up1..3 (1 = on)
 NORM_GROUPS = 8  # [1, inf) GroupNorm groups (the original: 1)
-WORD_SCALE = 8.0  # (-inf, inf) multiplier of the word half (the time half has norm 8)
+WORD_SCALE = 32.0  # (-inf, inf) multiplier of the word half (the time half has norm 8)
 COND_MLP = True  # learned MLP on the conditioning vector (EDM-style); False = the original
 SCALE_SHIFT = True  # blocks apply it as h * (1 + scale) + shift (ADM's AdaGN); False = + shift (the original)
-BOTTLENECK_COND = False  # the bottleneck's convs receive the conditioning too; False = the original (only Down/Up)
+BOTTLENECK_COND = True  # the bottleneck's convs receive the conditioning too; False = the original (only Down/Up)
 CHANNELS_LAST = True  # channels-last memory format (faster convolutions on CPU)
 PRECISION = "auto"  # auto (fp16 on CUDA, fp32 elsewhere) | fp32 | fp16 | bf16
 DEVICE = ""  # empty = the accelerator if there is one, else cpu

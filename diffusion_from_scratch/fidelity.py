@@ -29,7 +29,7 @@ CHECKPOINT = ""  # a checkpoints/step-N folder name of the run (empty = the late
 N_PER_WORD = 512  # [1, inf) samples per word and guidance scale
 GUIDANCE = "1,3"  # list of numbers in (-inf, inf): comma-separated guidance scales (1 = the model's own conditional)
 SAMPLER = "dpm"  # ddpm | ddim | dpm (the audit's)
-SAMPLE_STEPS = 20  # [1, inf) sampler steps
+SAMPLE_STEPS = 50  # [1, inf) sampler steps
 BATCH_SIZE = 128  # [1, inf) images per sampling batch
 SEED = 0  # [0, 2**63) sampling seed
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
