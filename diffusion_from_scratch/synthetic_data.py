@@ -48,7 +48,9 @@ SHARD = ""  # i/n: this process makes every n-th image starting at i (empty = RA
 DEFAULT_SIZES = {"procedural": "32,64", "stable-diffusion": "full,64,128"}
 CHOICES = {"source": ("procedural", "stable-diffusion"), "dtype": ("auto", "fp32", "fp16", "bf16")}
 # Settings that define the dataset: a rerun into the same folder must not change them.
-IDENTITY_KEYS = ("source", "per_class", "sizes", "test_fraction", "seed", "model", "num_inference_steps", "prompts")
+# What makes two datasets the same: the prompts by their text (class -> prompt), not by the path of the
+# file they were read from, so that a moved or re-cloned repository still resumes its dataset.
+IDENTITY_KEYS = ("source", "per_class", "sizes", "test_fraction", "seed", "model", "num_inference_steps", "prompt_texts")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -182,9 +184,19 @@ def check_dataset_settings(out: Path, settings: dict | None) -> None:
                              f"another --out")
         if settings is None:
             return
+        upgraded = "prompt_texts" not in previous
+        if upgraded:  # written before the prompts' text was recorded: it names the prompts file instead
+            try:
+                previous["prompt_texts"] = load_prompts(Path(previous.get("prompts", "")))
+            except (InputError, OSError):
+                raise InputError(f"--out: {path} records its prompts only as the file {previous.get('prompts')!r}, "
+                                 f"which cannot be read now, so whether --prompts matches cannot be checked; "
+                                 f"restore that file or use another folder") from None
         changed = [k for k in IDENTITY_KEYS if previous.get(k) != settings.get(k)]
         require(not changed, f"--out: {out} holds a dataset made with other settings ({', '.join(changed)}); "
                              f"use another folder")
+        if upgraded:
+            atomic_write_json(path, previous)
     elif settings is not None:
         atomic_write_json(path, settings)
 
@@ -224,7 +236,8 @@ def main(argv: list[str] | None = None) -> Path:
     check_room(out, len(prompts) * cfg["per_class"], sizes)
     writable_folder(out, "out")
 
-    settings = {k: cfg[k] for k in IDENTITY_KEYS} | {"sizes": sizes, "model": source.model}
+    settings = ({k: cfg[k] for k in IDENTITY_KEYS if k in cfg}
+                | {"sizes": sizes, "model": source.model, "prompts": cfg["prompts"], "prompt_texts": prompts})
     check_dataset_settings(out, settings)
     remove_orphaned_temporaries(out)
 

@@ -123,6 +123,48 @@ def test_changing_settings_into_the_same_folder_is_refused(tmp_path):
 
 
 @pytest.mark.smoke
+def test_the_prompts_are_identified_by_their_text_not_by_their_file(tmp_path):
+    from diffusion_from_scratch import synthetic_data
+    from diffusion_from_scratch.cli import InputError
+    prompts = json.loads((REPO / "data" / "prompts.json").read_text())
+    first, moved = tmp_path / "a" / "prompts.json", tmp_path / "b" / "prompts.json"
+    for path in (first, moved):
+        path.parent.mkdir()
+        path.write_text(json.dumps(prompts))
+    out = tmp_path / "ds"
+    common = ["--out", str(out), "--per_class", "2", "--sizes", "16"]
+    synthetic_data.main(common + ["--prompts", str(first)])
+    assert json.loads((out / "dataset.json").read_text())["prompt_texts"] == prompts
+    first.unlink()  # a re-cloned repository: the same prompts at another path resume the same dataset
+    synthetic_data.main(common + ["--prompts", str(moved)])
+    moved.write_text(json.dumps(prompts | {"man": prompts["man"] + " Smiling."}))
+    with pytest.raises(InputError, match=r"other settings \(prompt_texts\)"):
+        synthetic_data.main(common + ["--prompts", str(moved)])
+
+
+@pytest.mark.smoke
+def test_a_dataset_recorded_with_only_its_prompts_path_resumes_if_that_file_matches(tmp_path):
+    from diffusion_from_scratch import synthetic_data
+    from diffusion_from_scratch.cli import InputError
+    out = tmp_path / "ds"
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text((REPO / "data" / "prompts.json").read_text())
+    common = ["--out", str(out), "--per_class", "2", "--sizes", "16"]
+    synthetic_data.main(common)
+    record = out / "dataset.json"
+    settings = json.loads(record.read_text())
+    old_format = {k: v for k, v in settings.items() if k != "prompt_texts"} | {"prompts": str(prompts_file)}
+    record.write_text(json.dumps(old_format))
+    synthetic_data.main(common)  # the recorded file holds the same prompts: resumed, and the record upgraded
+    assert json.loads(record.read_text())["prompt_texts"] == settings["prompt_texts"]
+    gone = old_format | {"prompts": str(tmp_path / "gone.json")}
+    record.write_text(json.dumps(gone))
+    with pytest.raises(InputError, match=r"dataset.json records its prompts only as the file .*gone.json"):
+        synthetic_data.main(common)
+    assert json.loads(record.read_text()) == gone
+
+
+@pytest.mark.smoke
 def test_stable_diffusion_source_with_a_tiny_pipeline(tmp_path):
     from tiny_models import save_tiny_sd_pipeline
 
