@@ -20,8 +20,8 @@ collapses as soon as anything else runs beside it.
 
 Every job is resumable (training from its checkpoints, the scripts from their caches), and
 this script records each job's command, status and wall time in <out>/jobs.json: a rerun
-skips the jobs that finished with the same command and resumes the rest, so the experiment
-may span sittings. Each job's output goes to <out>/logs/<job>.log. A failed job stops only
+skips the jobs that finished with the same script and arguments (whatever the interpreter or
+the checkout's location) and resumes the rest, so the experiment may span sittings. Each job's output goes to <out>/logs/<job>.log. A failed job stops only
 the jobs that need it; the summary names it and the exit status is non-zero.
 <out>/experiment.json records the wall time of each sitting beside the sum of the jobs'
 own times (what the same jobs cost one after another).
@@ -166,6 +166,14 @@ def read_record(path: Path, key: str) -> dict:
     return record
 
 
+def invocation(command: list[str]) -> list[str]:
+    """What a job computes: its script as ``folder/name.py`` and its arguments. The interpreter
+    and where the checkout lies are left out, so that a new virtual environment or a re-cloned
+    repository still skips the finished jobs."""
+    script = Path(command[1])
+    return [f"{script.parent.name}/{script.name}", *command[2:]]
+
+
 class Ledger:
     """<out>/jobs.json: command, status (done / failed / running), start, seconds, log of every job."""
 
@@ -175,10 +183,15 @@ class Ledger:
 
     def done(self, job: Job) -> bool:
         entry = self.entries.get(job.name)
-        return bool(entry) and entry.get("status") == "done" and entry.get("command") == job.command
+        if not isinstance(entry, dict) or entry.get("status") != "done":
+            return False
+        command = entry.get("command")
+        return (isinstance(command, list) and len(command) >= 2 and all(isinstance(part, str) for part in command)
+                and invocation(command) == invocation(job.command))
 
     def record(self, job: Job, **fields) -> None:
-        self.entries[job.name] = self.entries.get(job.name, {}) | {"command": job.command} | fields
+        previous = self.entries.get(job.name)
+        self.entries[job.name] = (previous if isinstance(previous, dict) else {}) | {"command": job.command} | fields
         atomic_write_json(self.path, {"jobs": self.entries})
 
 

@@ -126,6 +126,25 @@ def test_experiment_plan_is_the_full_design():
     assert "--num_threads" in train.command and train.command[train.command.index("--num_threads") + 1] == "1"
 
 
+def test_a_finished_job_is_skipped_from_another_interpreter_or_checkout_but_not_with_other_arguments(tmp_path):
+    from statistical_auditing.experiment import Job, Ledger
+
+    job = Job("audit/w2v-jl0", ["/new/venv/bin/python", "/new/clone/statistical_auditing/audit.py", "--run", "/r"])
+    moved = ["/old/venv/bin/python", "/old/clone/statistical_auditing/audit.py", "--run", "/r"]
+    for command, status, skipped in [(moved, "done", True), (moved, "failed", False),
+                                     (moved[:2] + ["--run", "/other"], "done", False),
+                                     (["/old/venv/bin/python", "/old/clone/statistical_auditing/lipschitz.py",
+                                       "--run", "/r"], "done", False),
+                                     ("not a list", "done", False), ([moved[0]], "done", False)]:
+        (tmp_path / "jobs.json").write_text(json.dumps({"jobs": {job.name: {"command": command, "status": status}}}))
+        assert Ledger(tmp_path / "jobs.json").done(job) is skipped, (command, status)
+    (tmp_path / "jobs.json").write_text(json.dumps({"jobs": {job.name: 5}}))  # a damaged entry is redone
+    ledger = Ledger(tmp_path / "jobs.json")
+    assert not ledger.done(job)
+    ledger.record(job, status="done")
+    assert Ledger(tmp_path / "jobs.json").done(job)
+
+
 def test_experiment_rejects_bad_arms():
     result = run_script("statistical_auditing/experiment.py", "--arms", "w2v,sideways", check=False)
     assert result.returncode == 2 and "--arms" in result.stderr and "Traceback" not in result.stderr
