@@ -187,7 +187,7 @@ def check_dataset_settings(out: Path, settings: dict | None) -> None:
         upgraded = "prompt_texts" not in previous
         if upgraded:  # written before the prompts' text was recorded: it names the prompts file instead
             try:
-                previous["prompt_texts"] = load_prompts(Path(previous.get("prompts", "")))
+                previous["prompt_texts"] = load_prompts(Path(str(previous.get("prompts", ""))))
             except (InputError, OSError):
                 raise InputError(f"--out: {path} records its prompts only as the file {previous.get('prompts')!r}, "
                                  f"which cannot be read now, so whether --prompts matches cannot be checked; "
@@ -195,8 +195,8 @@ def check_dataset_settings(out: Path, settings: dict | None) -> None:
         changed = [k for k in IDENTITY_KEYS if previous.get(k) != settings.get(k)]
         require(not changed, f"--out: {out} holds a dataset made with other settings ({', '.join(changed)}); "
                              f"use another folder")
-        if upgraded:
-            atomic_write_json(path, previous)
+        if upgraded or previous.get("prompts") != settings.get("prompts"):  # the file the finishing command names
+            atomic_write_json(path, previous | {"prompts": settings.get("prompts")})
     elif settings is not None:
         atomic_write_json(path, settings)
 

@@ -137,6 +137,7 @@ def test_the_prompts_are_identified_by_their_text_not_by_their_file(tmp_path):
     assert json.loads((out / "dataset.json").read_text())["prompt_texts"] == prompts
     first.unlink()  # a re-cloned repository: the same prompts at another path resume the same dataset
     synthetic_data.main(common + ["--prompts", str(moved)])
+    assert json.loads((out / "dataset.json").read_text())["prompts"] == str(moved)  # what a finishing command names
     moved.write_text(json.dumps(prompts | {"man": prompts["man"] + " Smiling."}))
     with pytest.raises(InputError, match=r"other settings \(prompt_texts\)"):
         synthetic_data.main(common + ["--prompts", str(moved)])
