@@ -30,7 +30,9 @@ import importlib.util
 import io
 import math
 import re
+import signal
 import sys
+import threading
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,12 +312,19 @@ INTERRUPTED = "interrupted"  # what run_main says on Ctrl-C unless the script sa
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE}
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_main(main: Callable[[], Any], on_interrupt: str = INTERRUPTED) -> None:
     """Run a script's main; bad input ends with one stderr line and exit status 2, and so does a
     file the machine refuses to write mid-run (disk full, quota, read-only, permission) or an
     allocation that fails (the scripts refuse what cannot fit before any work with lower-bound
-    estimates, which cannot foresee every case). On Ctrl-C it prints ``on_interrupt`` (a
-    script that resumes says how) and exits with status 130."""
+    estimates, which cannot foresee every case). On Ctrl-C, or SIGTERM (``kill``, a batch
+    scheduler's stop; a background job never sees Ctrl-C, its shell ignores SIGINT for it), it
+    prints ``on_interrupt`` (a script that resumes says how) and exits with status 130."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         main()
     except InputError as error:
@@ -338,3 +347,6 @@ def run_main(main: Callable[[], Any], on_interrupt: str = INTERRUPTED) -> None:
     except KeyboardInterrupt:
         print(on_interrupt, file=sys.stderr)
         sys.exit(130)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -251,8 +251,8 @@ def run_jobs(jobs: list[Job], out: Path, workers: int) -> dict:
                 break
             time.sleep(1.0)
     except KeyboardInterrupt:
-        for process, _, _ in running.values():
-            os.killpg(process.pid, signal.SIGINT)
+        for process, _, _ in running.values():  # SIGTERM: a background job's children ignore SIGINT
+            os.killpg(process.pid, signal.SIGTERM)
         for process, _, handle in running.values():
             try:
                 process.wait(timeout=60)

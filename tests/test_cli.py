@@ -171,6 +171,25 @@ def test_ctrl_c_says_what_the_script_says_and_exits_130(capsys):
         assert capsys.readouterr().err == (message or "interrupted") + "\n"
 
 
+def test_sigterm_ends_a_script_like_ctrl_c_and_the_handler_is_restored(capsys):
+    import os
+    import signal
+    import time
+
+    from diffusion_from_scratch.cli import run_main
+
+    def killed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the script")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(killed, "stopped: rerun to resume")
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "stopped: rerun to resume\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_file_the_machine_refuses_to_write_is_one_line_too(capsys):
     import errno
 

@@ -110,6 +110,34 @@ def test_experiment_smoke_runs_the_whole_chain_and_resumes(tmp_path):
     assert "already done" in second.stdout and "start " not in second.stdout
 
 
+@pytest.mark.smoke
+def test_a_background_experiment_stops_on_sigterm_and_takes_its_running_job_with_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, data = tmp_path / "exp", tmp_path / "data"
+    command = [sys.executable, str(REPO / "statistical_auditing/experiment.py"), "--out", str(out), "--data",
+               str(data), "--preset", "smoke", "--workers", "1", "--arms", "w2v",
+               "--train_args", "--preset smoke --max_steps 0 --epochs 1000"]  # a training that outlasts the test
+    # `cmd &` in a script starts the job with SIGINT ignored: only SIGTERM can stop it
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    train_log = out / "logs" / "train__w2v-jl0.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (train_log.exists() and "step" in train_log.read_text()):
+        time.sleep(0.5)
+    assert train_log.exists() and "step" in train_log.read_text(), "the training never started"
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130 and "rerun" in stderr
+    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert jobs["train/w2v-jl0"]["status"] == "interrupted"
+    left = subprocess.run(["pgrep", "-f", str(out / "w2v-jl0")], capture_output=True, text=True).stdout.split()
+    assert not left, f"the training outlived its driver: {left}"
+
+
 def test_experiment_plan_is_the_full_design():
     from statistical_auditing import experiment
 
