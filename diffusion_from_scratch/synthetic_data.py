@@ -50,7 +50,8 @@ CHOICES = {"source": ("procedural", "stable-diffusion"), "dtype": ("auto", "fp32
 # Settings that define the dataset: a rerun into the same folder must not change them.
 # What makes two datasets the same: the prompts by their text (class -> prompt), not by the path of the
 # file they were read from, so that a moved or re-cloned repository still resumes its dataset.
-IDENTITY_KEYS = ("source", "per_class", "sizes", "test_fraction", "seed", "model", "num_inference_steps", "prompt_texts")
+IDENTITY_KEYS = ("source", "per_class", "sizes", "test_fraction", "seed", "model", "num_inference_steps",
+                 "prompt_texts")
 
 
 # ----------------------------------------------------------------------------- validation

@@ -21,8 +21,9 @@ collapses as soon as anything else runs beside it.
 Every job is resumable (training from its checkpoints, the scripts from their caches), and
 this script records each job's command, status and wall time in <out>/jobs.json: a rerun
 skips the jobs that finished with the same script and arguments (whatever the interpreter or
-the checkout's location) and resumes the rest, so the experiment may span sittings. Each job's output goes to <out>/logs/<job>.log. A failed job stops only
-the jobs that need it; the summary names it and the exit status is non-zero.
+the checkout's location) and resumes the rest, so the experiment may span sittings. Each job's
+output goes to <out>/logs/<job>.log. A failed job stops only the jobs that need it; the
+summary names it and the exit status is non-zero.
 <out>/experiment.json records the wall time of each sitting beside the sum of the jobs'
 own times (what the same jobs cost one after another).
 """
