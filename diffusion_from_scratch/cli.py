@@ -174,17 +174,23 @@ class Constants(dict):
 
 def constants_of(namespace: Mapping[str, Any]) -> Constants:
     """The UPPER_CASE int/float/str/bool constants of a module namespace, lower-cased, with the
-    ranges their comments declare (``.ranges``). A number imported from another module is a
-    flag only where that module declares its range (``sampling.FEMALE`` is code, not a setting)."""
+    ranges their comments declare (``.ranges``). A constant the module imports is a flag only
+    when it comes from a shared flag module (``*_flags``, e.g. data_flags.py) and, if a number,
+    that module declares its range: one imported as code (``word_vectors.FEMALE_WORD``,
+    ``pipeline.AUDIT_SAMPLER``) would be a flag that changes nothing."""
     path = namespace.get("__file__")
-    assigned = _declarations(path)[2] if path and str(path).endswith(".py") else None
+    source = _declarations(path) if path and str(path).endswith(".py") else None
     constants, ranges = Constants(), {}
     for key, value in namespace.items():
         if not (key.isupper() and not key.startswith("_") and isinstance(value, (bool, int, float, str))):
             continue
+        if source is not None and key not in source[2]:
+            module = source[1].get(key, ("", ""))[0]
+            if not module.rsplit(".", 1)[-1].endswith("_flags"):
+                continue
         declared = declared_range(path, key)
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if numeric and declared is None and assigned is not None and key not in assigned:
+        if numeric and declared is None and source is not None and key not in source[2]:
             continue
         constants[key.lower()] = value
         if declared is not None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from diffusion_from_scratch.cli import config_from_constants, constants_of, parse_number_list, run_main
-from diffusion_from_scratch.pipeline import SAMPLERS, TrainedRun, sample, sampling_scheduler
+from diffusion_from_scratch.pipeline import (AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS, TrainedRun, sample,
+                                             sampling_scheduler)
 from diffusion_from_scratch.portraits import SCENES, attributes_from_prompt, measure_attributes
 from diffusion_from_scratch.utils import (atomic_write_text, csv_text, derived_seed, load_prompts, require_memory,
                                           resolve_device, save_image_grid, writable_folder)
@@ -28,8 +29,8 @@ RUN = "runs/tiny"  # training run folder
 CHECKPOINT = ""  # a checkpoints/step-N folder name of the run (empty = the latest)
 N_PER_WORD = 512  # [1, inf) samples per word and guidance scale
 GUIDANCE = "1,3"  # list of numbers in (-inf, inf): comma-separated guidance scales (1 = the model's own conditional)
-SAMPLER = "dpm"  # ddpm | ddim | dpm (the audit's)
-SAMPLE_STEPS = 50  # [1, inf) sampler steps
+SAMPLER = AUDIT_SAMPLER  # ddpm | ddim | dpm (default: the audit's, "dpm" = DPM-Solver++)
+SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (default: the audit's, 50)
 BATCH_SIZE = 128  # [1, inf) images per sampling batch
 SEED = 0  # [0, 2**63) sampling seed
 DEVICE = ""  # empty = the accelerator if there is one, else cpu

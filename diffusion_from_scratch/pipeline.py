@@ -35,6 +35,11 @@ from diffusion_from_scratch.modules import ConditionalUNet, UNetConfig
 from diffusion_from_scratch.utils import MAX_TEXT_FILE_BYTES, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
+# The sampler of the bias audit, which its fidelity control (fidelity.py) and the dose-response
+# must share: one definition, so that a change of the audit's sampler cannot leave them behind.
+# DPM-Solver++ 50 (README, "The tiny recipe": 20 steps collapse the mixed words' scenes).
+AUDIT_SAMPLER = "dpm"
+AUDIT_SAMPLE_STEPS = 50  # [1, inf)
 # The ancestral (ddpm) sampler's noise variance at step t -> t', as diffusers' variance_type:
 # posterior = beta-tilde = (1 - abar_t') / (1 - abar_t) * beta (Ho et al. 2020's sigma^2 = beta-tilde);
 # beta = beta = 1 - abar_t / abar_t' (the original's sqrt(beta_t) noise scale, "fixed_large").

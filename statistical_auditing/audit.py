@@ -61,7 +61,7 @@ import torch
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
 from diffusion_from_scratch.fidelity import expected_shares, fidelity_row, format_table
-from diffusion_from_scratch.pipeline import SAMPLERS
+from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
 from diffusion_from_scratch.portraits import SCENES, measure_attributes
 from diffusion_from_scratch.utils import (DATA_DIR, REPO_ROOT, atomic_write_json, atomic_write_text,
                                           compact_csv_text, derived_seed, load_class_words, load_json, load_prompts,
@@ -93,8 +93,8 @@ N_SEEDS = 4  # [1, inf) sampling seeds for each training word and guidance scale
 N_PER_SEED = 128  # [1, inf) images per training word, scale and seed (N_SEEDS x N_PER_SEED per word and scale)
 N_PER_WORD = 64  # [1, inf) images per unseen word and guidance scale
 GUIDANCE = "1,3"  # list of numbers in (0, inf): comma-separated classifier-free guidance scales (1 = the model's own conditional)
-SAMPLER = "dpm"  # ddpm | ddim | dpm (DPM-Solver++)
-SAMPLE_STEPS = 50  # [1, inf) sampler steps
+SAMPLER = AUDIT_SAMPLER  # ddpm | ddim | dpm ("dpm" = DPM-Solver++; pipeline.AUDIT_SAMPLER, shared with fidelity.py)
+SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (50; shared the same way)
 WORDS = ""  # comma-separated unseen words (each must be in the embedding); overrides WORDS_FILE
 WORDS_FILE = str(DATA_DIR / "professions.txt")  # unseen words, one per line (missing ones are skipped)
 MAX_UNSEEN = 20  # [0, inf) unseen words from WORDS_FILE to audit (0 = all); --words are all audited

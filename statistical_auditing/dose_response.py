@@ -35,7 +35,7 @@ import torch
 
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
-from diffusion_from_scratch.pipeline import SAMPLERS
+from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
 from diffusion_from_scratch.portraits import measure_attributes
 from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, compact_csv_text,
                                           derived_seed, load_word_list, progress_bar, require_disk, require_memory,
@@ -59,8 +59,8 @@ N_PER_POINT = 128  # [1, inf) images per (word, space, alpha)
 CHECK_ALPHAS = "-0.4,-0.2,0,0.2,0.4"  # alphas of the check made after the projection (space "projected")
 CHECK_N_PER_POINT = 64  # [1, inf) images per point of that check
 GUIDANCE = 1.0  # (0, inf) classifier-free guidance scale (1 = the model's own conditional)
-SAMPLER = "dpm"  # ddpm | ddim | dpm (use the audit's)
-SAMPLE_STEPS = 50  # [1, inf) sampler steps (use the audit's)
+SAMPLER = AUDIT_SAMPLER  # ddpm | ddim | dpm (default: the audit's, "dpm" = DPM-Solver++)
+SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (default: the audit's, 50)
 K = 0  # [0, inf) ScoreDecomp k (0 = the k the run's audit chose, read from <run>/audit/audit.json)
 SEED = 0  # [0, 2**63) base seed of sampling and ScoreDecomp noise
 BATCH_SIZE = 128  # [1, inf) images per model batch

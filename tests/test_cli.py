@@ -75,26 +75,34 @@ def test_range_membership_and_text():
 
 
 def test_ranges_are_read_from_the_module_that_defines_each_constant(tmp_path, monkeypatch):
-    (tmp_path / "shared_flags_i11.py").write_text(textwrap.dedent('''
+    (tmp_path / "i11_flags.py").write_text(textwrap.dedent('''
         SHARED = 3  # [1, 10] a shared count
         UNDECLARED_IMPORTED = 7
         NAME = "x"  # a string
     '''))
+    (tmp_path / "i11_code.py").write_text(textwrap.dedent('''
+        FEMALE = "woman"  # a word the code uses, not a setting
+        LIMIT = 5  # [1, inf) a ranged number of a module that is not a flag module
+    '''))
     (tmp_path / "script_i11.py").write_text(textwrap.dedent('''
-        from shared_flags_i11 import SHARED, UNDECLARED_IMPORTED, NAME
+        from i11_flags import SHARED, UNDECLARED_IMPORTED, NAME
+        from i11_code import FEMALE, LIMIT
         BETA = 0.5  # [0, 1) a probability
         K_LIST = "5,20"  # list of ints in [1, inf): ks
         PLAIN = 4  # no range
+        LOCAL_LIMIT = LIMIT  # [1, inf) a flag whose default comes from code
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     import script_i11
 
     constants = constants_of(vars(script_i11))
-    assert set(constants) == {"shared", "name", "beta", "k_list", "plain"}  # the undeclared import is code
+    # the undeclared number of the flag module and everything of the code module are code, not flags
+    assert set(constants) == {"shared", "name", "beta", "k_list", "plain", "local_limit"}
+    assert constants["local_limit"] == 5
     assert constants.ranges == {"shared": Range(1, 10, True, True), "beta": Range(0, 1),
-                                "k_list": Range(1, math.inf, True, False, "ints")}
-    sys.modules.pop("script_i11")
-    sys.modules.pop("shared_flags_i11", None)
+                                "k_list": Range(1, math.inf, True, False, "ints"), "local_limit": Range(1, math.inf)}
+    for name in ("script_i11", "i11_flags", "i11_code"):
+        sys.modules.pop(name, None)
 
 
 def test_check_ranges_refuses_with_one_clear_message():
@@ -156,6 +164,21 @@ def test_every_numeric_flag_of_every_script_declares_its_range_and_the_defaults_
     check_ranges(constants, constants.ranges, constants)  # the defaults
     for preset in getattr(module, "PRESETS", {}).values():  # and every preset
         check_ranges(dict(constants) | preset, constants.ranges, constants)
+
+
+@pytest.mark.parametrize("module_name", SCRIPTS)
+def test_every_flag_of_every_script_is_a_setting_it_reads(module_name):
+    """A flag is a constant the script assigns, or one of a shared flag module (``*_flags``);
+    an imported code constant (dose_response once took --female_word and ignored it) is not."""
+    import importlib
+
+    from diffusion_from_scratch.cli import _declarations
+
+    module = importlib.import_module(module_name)
+    _, imports, assigned = _declarations(module.__file__)
+    stray = [k for k in constants_of(vars(module))
+             if k.upper() not in assigned and not imports[k.upper()][0].endswith("_flags")]
+    assert not stray
 
 
 def test_ctrl_c_says_what_the_script_says_and_exits_130(capsys):
