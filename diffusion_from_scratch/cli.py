@@ -179,19 +179,17 @@ def constants_of(namespace: Mapping[str, Any]) -> Constants:
     that module declares its range: one imported as code (``word_vectors.FEMALE_WORD``,
     ``pipeline.AUDIT_SAMPLER``) would be a flag that changes nothing."""
     path = namespace.get("__file__")
-    source = _declarations(path) if path and str(path).endswith(".py") else None
+    _, imports, assigned = _declarations(path) if path and str(path).endswith(".py") else ({}, {}, None)
     constants, ranges = Constants(), {}
     for key, value in namespace.items():
         if not (key.isupper() and not key.startswith("_") and isinstance(value, (bool, int, float, str))):
             continue
-        if source is not None and key not in source[2]:
-            module = source[1].get(key, ("", ""))[0]
-            if not module.rsplit(".", 1)[-1].endswith("_flags"):
-                continue
         declared = declared_range(path, key)
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if numeric and declared is None and source is not None and key not in source[2]:
-            continue
+        if assigned is not None and key not in assigned:  # imported (no source file: every constant is a flag)
+            from_flag_module = imports.get(key, ("", ""))[0].endswith("_flags")
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not from_flag_module or (numeric and declared is None):
+                continue
         constants[key.lower()] = value
         if declared is not None:
             ranges[key.lower()] = declared
