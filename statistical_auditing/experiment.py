@@ -16,12 +16,14 @@ in --dose_arms only) and Lipschitz (lipschitz.py); then combine_audits.py writes
 <out>/combined/. Independent jobs run side by side, one torch thread each, as many at a
 time as --workers (default: the CPU cores): two 1-thread trainings on two cores give the
 same total throughput as one 2-thread training on an idle machine, and a 2-thread process
-collapses as soon as anything else runs beside it.
+collapses as soon as anything else runs beside it. --threads N gives each job N threads (and
+the default --workers becomes cores / N): for a sitting that can finish only one run, one run
+at a time with all the cores finishes it in about half the wall time.
 
 Every job is resumable (training from its checkpoints, the scripts from their caches), and
 this script records each job's command, status and wall time in <out>/jobs.json: a rerun
-skips the jobs that finished with the same script and arguments (whatever the interpreter or
-the checkout's location) and resumes the rest, so the experiment may span sittings. Each job's
+skips the jobs that finished with the same script and arguments (whatever the interpreter, the
+checkout's location or --threads) and resumes the rest, so the experiment may span sittings. Each job's
 output goes to <out>/logs/<job>.log. A failed job stops only the jobs that need it; the
 summary names it and the exit status is non-zero.
 <out>/experiment.json records the wall time of each sitting beside the sum of the jobs'
@@ -48,7 +50,8 @@ DATA = "data/generated/portraits"  # dataset root (made by synthetic_data.py whe
 ARMS = "w2v,debiased,projected"  # comma-separated arms: w2v | debiased | projected
 JL_SEEDS = "0,1,2"  # list of ints in [0, 2**32): comma-separated JL projection seeds, one run per arm and seed
 DOSE_ARMS = "w2v"  # arms whose runs also get the dose-response (empty = none)
-WORKERS = 0  # [0, inf) jobs run side by side, one torch thread each (0 = the number of CPU cores)
+WORKERS = 0  # [0, inf) jobs run side by side (0 = the CPU cores divided by --threads)
+THREADS = 1  # [1, inf) torch threads of each job (more than 1 only pays when fewer jobs than cores are left)
 DATA_ARGS = ""  # extra flags for synthetic_data.py
 TRAIN_ARGS = ""  # extra flags for every training (after --preset tiny)
 AUDIT_ARGS = ""  # extra flags for every audit
@@ -98,7 +101,7 @@ def plan(cfg: dict) -> tuple[list[Job], list[str]]:
     require(dose_arms <= set(ARM_DEBIAS), f"--dose_arms: expected a subset of {', '.join(ARM_DEBIAS)}")
     out, data = Path(cfg["out"]), Path(cfg["data"])
     dataset = data / str(cfg["image_size"])
-    one_thread = ["--num_threads", "1"]
+    threads = ["--num_threads", str(cfg["threads"])]
     jobs = [Job("data", script("diffusion_from_scratch/synthetic_data.py", "--source", "procedural", "--out",
                                str(data), *split_args(cfg["data_args"], "data_args")), priority=-1)]
     runs = []
@@ -110,18 +113,18 @@ def plan(cfg: dict) -> tuple[list[Job], list[str]]:
             jobs.append(Job(f"train/{name}", script(
                 "diffusion_from_scratch/ddpm_conditional.py", "--preset", "tiny", "--dataset_path", str(dataset),
                 "--run_dir", run, "--resume", "true", "--debias", ARM_DEBIAS[arm], "--jl_seed", str(seed),
-                *one_thread, *split_args(cfg["train_args"], "train_args")), ["data"], priority=0))
-            jobs.append(Job(f"audit/{name}", script("statistical_auditing/audit.py", "--run", run, *one_thread,
+                *threads, *split_args(cfg["train_args"], "train_args")), ["data"], priority=0))
+            jobs.append(Job(f"audit/{name}", script("statistical_auditing/audit.py", "--run", run, *threads,
                                                     *split_args(cfg["audit_args"], "audit_args")),
                             [f"train/{name}"], priority=1))
             last = f"audit/{name}"
             if arm in dose_arms:
                 jobs.append(Job(f"dose/{name}", script("statistical_auditing/dose_response.py", "--run", run,
-                                                       *one_thread, *split_args(cfg["dose_args"], "dose_args")),
+                                                       *threads, *split_args(cfg["dose_args"], "dose_args")),
                                 [last], priority=2))
                 last = f"dose/{name}"
             jobs.append(Job(f"lipschitz/{name}", script("statistical_auditing/lipschitz.py", "--run", run,
-                                                        *one_thread,
+                                                        *threads,
                                                         *split_args(cfg["lipschitz_args"], "lipschitz_args")),
                             [last], priority=3))
     jobs.append(Job("combine", script("statistical_auditing/combine_audits.py", "--runs", ",".join(runs),
@@ -168,11 +171,14 @@ def read_record(path: Path, key: str) -> dict:
 
 
 def invocation(command: list[str]) -> list[str]:
-    """What a job computes: its script as ``folder/name.py`` and its arguments. The interpreter
-    and where the checkout lies are left out, so that a new virtual environment or a re-cloned
-    repository still skips the finished jobs."""
-    script = Path(command[1])
-    return [f"{script.parent.name}/{script.name}", *command[2:]]
+    """What a job computes: its script as ``folder/name.py`` and its arguments. The interpreter,
+    where the checkout lies and the thread count (--threads) are left out, so that a new virtual
+    environment, a re-cloned repository or another --threads still skips the finished jobs."""
+    script, args = Path(command[1]), list(command[2:])
+    if "--num_threads" in args[:-1]:
+        at = args.index("--num_threads")
+        del args[at:at + 2]
+    return [f"{script.parent.name}/{script.name}", *args]
 
 
 class Ledger:
@@ -196,8 +202,9 @@ class Ledger:
         atomic_write_json(self.path, {"jobs": self.entries})
 
 
-def run_jobs(jobs: list[Job], out: Path, workers: int) -> dict:
-    """Run the jobs respecting ``needs``, ``workers`` at a time; return the sitting's summary."""
+def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int = 1) -> dict:
+    """Run the jobs respecting ``needs``, ``workers`` at a time with ``threads`` threads each; return the
+    sitting's summary."""
     ledger = Ledger(out / "jobs.json")
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -206,7 +213,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int) -> dict:
     failed: set[str] = set()
     blocked: set[str] = set()
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     started = time.time()
     if finished:
         print(f"[experiment] {len(finished)} of {len(jobs)} jobs already done (same command): "
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     require(cfg["workers"] >= 0, f"--workers: must be >= 0 (0 = the CPU cores), got {cfg['workers']}")
     require(cfg["image_size"] > 0, f"--image_size: must be positive, got {cfg['image_size']}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = cfg["workers"] or cores
+    workers = cfg["workers"] or max(1, cores // cfg["threads"])
     jobs, runs = plan(cfg)
     require_writable(Path(cfg["data"]), "data")
     require(Path(cfg["python"]).is_file() and os.access(cfg["python"], os.X_OK),
@@ -284,11 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
     record_path = out / "experiment.json"
     record = read_record(record_path, "sittings")
     Ledger(out / "jobs.json")  # a damaged ledger stops here, before any job
-    print(f"[experiment] {len(runs)} runs, {len(jobs)} jobs, {workers} at a time (one torch thread each)", flush=True)
-    summary = run_jobs(jobs, out, workers)
+    print(f"[experiment] {len(runs)} runs, {len(jobs)} jobs, {workers} at a time ({cfg['threads']} torch "
+          f"thread{'s' if cfg['threads'] > 1 else ''} each)", flush=True)
+    summary = run_jobs(jobs, out, workers, cfg["threads"])
     sittings = record.get("sittings", []) + [{
         "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": round(summary["wall_seconds"], 1),
-        "workers": workers, "finished": len(summary["finished"]), "failed": summary["failed"],
+        "workers": workers, "threads": cfg["threads"], "finished": len(summary["finished"]), "failed": summary["failed"],
         "blocked": summary["blocked"]}]
     atomic_write_json(record_path, {"config": cfg, "runs": runs, "sittings": sittings,
                                     "wall_seconds_all_sittings": round(sum(s["wall_seconds"] for s in sittings), 1),

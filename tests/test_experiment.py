@@ -152,6 +152,12 @@ def test_experiment_plan_is_the_full_design():
     assert train.command[train.command.index("--debias") + 1] == "hard"
     assert train.command[train.command.index("--jl_seed") + 1] == "1"
     assert "--num_threads" in train.command and train.command[train.command.index("--num_threads") + 1] == "1"
+    jobs, _ = experiment.plan({**{k.lower(): v for k, v in vars(experiment).items() if k.isupper()
+                                  and isinstance(v, (str, int))}, "out": "/x", "data": "/d", "threads": 2})
+    torch_jobs = [j for j in jobs if j.name not in ("data", "combine")]
+    assert len(torch_jobs) == 9 + 9 + 3 + 9
+    for job in torch_jobs:
+        assert job.command[job.command.index("--num_threads") + 1] == "2", job.name
 
 
 def test_a_finished_job_is_skipped_from_another_interpreter_or_checkout_but_not_with_other_arguments(tmp_path):
@@ -163,6 +169,8 @@ def test_a_finished_job_is_skipped_from_another_interpreter_or_checkout_but_not_
                                      (moved[:2] + ["--run", "/other"], "done", False),
                                      (["/old/venv/bin/python", "/old/clone/statistical_auditing/lipschitz.py",
                                        "--run", "/r"], "done", False),
+                                     (moved + ["--num_threads", "2"], "done", True),  # threads: same result
+                                     (moved + ["--num_threads"], "done", False),
                                      ("not a list", "done", False), ([moved[0]], "done", False)]:
         (tmp_path / "jobs.json").write_text(json.dumps({"jobs": {job.name: {"command": command, "status": status}}}))
         assert Ledger(tmp_path / "jobs.json").done(job) is skipped, (command, status)
