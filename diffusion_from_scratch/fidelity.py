@@ -30,7 +30,7 @@ CHECKPOINT = ""  # a checkpoints/step-N folder name of the run (empty = the late
 N_PER_WORD = 512  # [1, inf) samples per word and guidance scale
 GUIDANCE = "1,3"  # list of numbers in (-inf, inf): comma-separated guidance scales (1 = the model's own conditional)
 SAMPLER = AUDIT_SAMPLER  # ddpm | ddim | dpm (default: the audit's, "dpm" = DPM-Solver++)
-SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (default: the audit's, 50)
+SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (default: the audit's, pipeline.AUDIT_SAMPLE_STEPS)
 BATCH_SIZE = 128  # [1, inf) images per sampling batch
 SEED = 0  # [0, 2**63) sampling seed
 DEVICE = ""  # empty = the accelerator if there is one, else cpu

@@ -94,7 +94,7 @@ N_PER_SEED = 128  # [1, inf) images per training word, scale and seed (N_SEEDS x
 N_PER_WORD = 64  # [1, inf) images per unseen word and guidance scale
 GUIDANCE = "1,3"  # list of numbers in (0, inf): comma-separated classifier-free guidance scales (1 = the model's own conditional)
 SAMPLER = AUDIT_SAMPLER  # ddpm | ddim | dpm ("dpm" = DPM-Solver++; pipeline.AUDIT_SAMPLER, shared with fidelity.py)
-SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (50; shared the same way)
+SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (pipeline.AUDIT_SAMPLE_STEPS, shared the same way)
 WORDS = ""  # comma-separated unseen words (each must be in the embedding); overrides WORDS_FILE
 WORDS_FILE = str(DATA_DIR / "professions.txt")  # unseen words, one per line (missing ones are skipped)
 MAX_UNSEEN = 20  # [0, inf) unseen words from WORDS_FILE to audit (0 = all); --words are all audited

@@ -60,7 +60,7 @@ CHECK_ALPHAS = "-0.4,-0.2,0,0.2,0.4"  # alphas of the check made after the proje
 CHECK_N_PER_POINT = 64  # [1, inf) images per point of that check
 GUIDANCE = 1.0  # (0, inf) classifier-free guidance scale (1 = the model's own conditional)
 SAMPLER = AUDIT_SAMPLER  # ddpm | ddim | dpm (default: the audit's, "dpm" = DPM-Solver++)
-SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (default: the audit's, 50)
+SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (default: the audit's, pipeline.AUDIT_SAMPLE_STEPS)
 K = 0  # [0, inf) ScoreDecomp k (0 = the k the run's audit chose, read from <run>/audit/audit.json)
 SEED = 0  # [0, 2**63) base seed of sampling and ScoreDecomp noise
 BATCH_SIZE = 128  # [1, inf) images per model batch
