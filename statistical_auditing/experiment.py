@@ -28,11 +28,16 @@ output goes to <out>/logs/<job>.log. A failed job stops only the jobs that need 
 summary names it and the exit status is non-zero.
 <out>/experiment.json records the wall time of each sitting beside the sum of the jobs'
 own times (what the same jobs cost one after another).
+--keep DIR copies each run, as soon as its last job finishes, to DIR/<run> without its weights
+and sample arrays (keep_run): a few hundred kB to commit, for machines that lose their disk
+between sittings; combine_audits.py --runs DIR/<run>,... builds the combined report from them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +64,7 @@ DOSE_ARGS = ""  # extra flags for every dose-response
 LIPSCHITZ_ARGS = ""  # extra flags for every Lipschitz measurement
 COMBINE_ARGS = ""  # extra flags for combine_audits.py
 IMAGE_SIZE = 32  # [1, inf) the dataset size folder the runs train on
+KEEP = ""  # folder that receives a copy of each finished run's small outputs, to commit or archive (empty = none)
 
 PRESETS = {
     # seconds: the whole chain on a tiny dataset with the smoke presets of every script
@@ -67,6 +73,9 @@ PRESETS = {
                   lipschitz_args="--preset smoke", combine_args="--n_boot 50 --include_failed true"),
 }
 ARM_DEBIAS = {"w2v": "none", "debiased": "hard", "projected": "projected"}
+KEPT_SUFFIXES = (".csv", ".json", ".md")  # what --keep copies of a run, besides KEPT_IMAGES
+KEPT_IMAGES = ("loss.png", "audit/samples_g1.png")  # the loss curve and the model's own (guidance 1) samples
+NOT_KEPT = ("audit/controls.json", "metrics.csv")  # per-image / per-step records (controls.csv, loss.png sum them up)
 PYTHON = sys.executable
 
 
@@ -202,7 +211,39 @@ class Ledger:
         atomic_write_json(self.path, {"jobs": self.entries})
 
 
-def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int = 1) -> dict:
+def machine() -> str:
+    """The CPU model (Linux's /proc/cpuinfo, else the platform) and its core count, for the record."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def keep_run(run_dir: Path, ledger_entries: dict, dest: Path) -> Path:
+    """Copy a finished run's small outputs to ``dest/<run name>``: its CSV, JSON and markdown files
+    (none under checkpoints/ or samples/, nor the per-image and per-step records NOT_KEPT), the
+    KEPT_IMAGES, and ``jobs.json`` with its jobs' ledger entries (commands, wall times) and the
+    machine. No weights and no sample arrays, so the copy is small enough to commit, and
+    combine_audits.py --runs reads it as it reads the run itself."""
+    kept = dest / run_dir.name
+    for path in sorted(run_dir.rglob("*")):
+        relative = path.relative_to(run_dir)
+        if (not path.is_file() or {"checkpoints", "samples"} & set(relative.parts[:-1])
+                or relative.as_posix() in NOT_KEPT):
+            continue
+        if path.suffix in KEPT_SUFFIXES or relative.as_posix() in KEPT_IMAGES:
+            (kept / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, kept / relative)
+    atomic_write_json(kept / "jobs.json", {"jobs": ledger_entries, "machine": machine()})
+    return kept
+
+
+def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int = 1, keep: Path | None = None) -> dict:
     """Run the jobs respecting ``needs``, ``workers`` at a time with ``threads`` threads each; return the
     sitting's summary."""
     ledger = Ledger(out / "jobs.json")
@@ -215,6 +256,16 @@ def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int = 1) -> dict
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     started = time.time()
+    run_of = {j.name: j.name.split("/", 1)[1] for j in jobs if "/" in j.name}  # job -> its run's folder name
+
+    def keep_if_finished(run: str) -> None:
+        names = [name for name, owner in run_of.items() if owner == run]
+        if keep is not None and (out / run).is_dir() and all(name in finished for name in names):
+            kept = keep_run(out / run, {name: ledger.entries[name] for name in names}, keep)
+            print(f"[experiment] kept {run}'s outputs in {kept}", flush=True)
+
+    for run in dict.fromkeys(run_of.values()):  # runs finished in an earlier sitting, e.g. before --keep
+        keep_if_finished(run)
     if finished:
         print(f"[experiment] {len(finished)} of {len(jobs)} jobs already done (same command): "
               f"skipped; {out / 'jobs.json'} has their times", flush=True)
@@ -244,6 +295,8 @@ def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int = 1) -> dict
                     finished.add(name)
                     ledger.record(job, status="done", seconds=round(seconds, 1), returncode=0)
                     print(f"[experiment] done  {name} in {seconds / 60:.1f} min", flush=True)
+                    if name in run_of:
+                        keep_if_finished(run_of[name])
                 else:
                     failed.add(name)
                     ledger.record(job, status="failed", seconds=round(seconds, 1), returncode=code)
@@ -284,20 +337,23 @@ def main(argv: list[str] | None = None) -> dict:
     workers = cfg["workers"] or max(1, cores // cfg["threads"])
     jobs, runs = plan(cfg)
     require_writable(Path(cfg["data"]), "data")
+    if cfg["keep"]:
+        require_writable(Path(cfg["keep"]), "keep")
     require(Path(cfg["python"]).is_file() and os.access(cfg["python"], os.X_OK),
             f"--python: {cfg['python']} is not an executable file (the interpreter that runs every job)")
     check_job_flags(jobs)
     out = writable_folder(Path(cfg["out"]), "out")
+    keep = writable_folder(Path(cfg["keep"]), "keep") if cfg["keep"] else None
     record_path = out / "experiment.json"
     record = read_record(record_path, "sittings")
     Ledger(out / "jobs.json")  # a damaged ledger stops here, before any job
     print(f"[experiment] {len(runs)} runs, {len(jobs)} jobs, {workers} at a time ({cfg['threads']} torch "
           f"thread{'s' if cfg['threads'] > 1 else ''} each)", flush=True)
-    summary = run_jobs(jobs, out, workers, cfg["threads"])
+    summary = run_jobs(jobs, out, workers, cfg["threads"], keep)
     sittings = record.get("sittings", []) + [{
         "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": round(summary["wall_seconds"], 1),
-        "workers": workers, "threads": cfg["threads"], "finished": len(summary["finished"]), "failed": summary["failed"],
-        "blocked": summary["blocked"]}]
+        "workers": workers, "threads": cfg["threads"], "finished": len(summary["finished"]),
+        "failed": summary["failed"], "blocked": summary["blocked"]}]
     atomic_write_json(record_path, {"config": cfg, "runs": runs, "sittings": sittings,
                                     "wall_seconds_all_sittings": round(sum(s["wall_seconds"] for s in sittings), 1),
                                     "job_seconds_all_sittings": round(summary["job_seconds_all_sittings"], 1)})

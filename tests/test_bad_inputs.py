@@ -261,6 +261,7 @@ CASES = [
     Case("ex_train_args_ema_beta", EX, ["--train_args", "--ema_beta 2", "--data", "{data_root}", *O],
          ("--train_args",)),
     Case("ex_arms_unknown", EX, ["--arms", "w2v,foo", "--data", "{data_root}", *O], ("--arms",)),
+    Case("ex_keep_under_a_file", EX, ["--keep", "{under_file}", "--data", "{data_root}", *O], ("--keep",)),
     Case("ex_jobs_json_truncated", EX, ["--out", "{exp_badjobs}", "--data", "{data_root}"], ("jobs.json",)),
     Case("ex_record_truncated", EX, ["--out", "{exp_badrecord}", "--data", "{data_root}"], ("experiment.json",)),
 ]

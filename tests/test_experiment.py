@@ -88,9 +88,29 @@ def test_dose_response_and_lipschitz_on_an_audited_run(audited_run):
 @pytest.mark.smoke
 def test_experiment_smoke_runs_the_whole_chain_and_resumes(tmp_path):
     out, data = tmp_path / "exp", tmp_path / "data"
-    args = ("--out", str(out), "--data", str(data), "--preset", "smoke", "--workers", "2")
+    args = ("--out", str(out), "--data", str(data), "--preset", "smoke", "--workers", "2",
+            "--keep", str(tmp_path / "kept"))
     first = run_script("statistical_auditing/experiment.py", *args, timeout=900)
     assert "report:" in first.stdout
+    # --keep: every run's small outputs, no weights or sample arrays, and enough for the combined report
+    kept = sorted((tmp_path / "kept").iterdir())
+    assert [k.name for k in kept] == ["debiased-jl0", "projected-jl0", "w2v-jl0"]
+    for run in kept:
+        files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+        assert {"config.json", "audit/audit.json", "audit/proportions.csv", "lipschitz/lipschitz.json",
+                "jobs.json", "loss.png", "audit/samples_g1.png"} <= files, run.name
+        assert not any(f.endswith((".safetensors", ".npy")) or "/samples/" in f or f.startswith("checkpoints/")
+                       or f in ("audit/controls.json", "metrics.csv") for f in files), run.name
+        record = json.loads((run / "jobs.json").read_text())
+        stages = ("train", "audit", "lipschitz") + (("dose",) if run.name.startswith("w2v") else ())
+        assert set(record["jobs"]) == {f"{stage}/{run.name}" for stage in stages}
+        assert all(entry["status"] == "done" for entry in record["jobs"].values()) and record["machine"]
+    assert (tmp_path / "kept" / "w2v-jl0" / "dose_response" / "slopes.csv").is_file()
+    in_plan_order = [str(tmp_path / "kept" / name) for name in ("w2v-jl0", "debiased-jl0", "projected-jl0")]
+    run_script("statistical_auditing/combine_audits.py", "--runs", ",".join(in_plan_order), "--out",
+               str(tmp_path / "from-kept"), "--n_boot", "50", "--include_failed", "true")
+    for name in ("seen.csv", "regressions.csv", "dose_slopes.csv", "lipschitz.csv"):
+        assert (tmp_path / "from-kept" / name).read_text() == (out / "combined" / name).read_text(), name
     jobs = json.loads((out / "jobs.json").read_text())["jobs"]
     assert all(entry["status"] == "done" for entry in jobs.values())
     assert {name.split("/")[0] for name in jobs} == {"data", "train", "audit", "dose", "lipschitz", "combine"}
