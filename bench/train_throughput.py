@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import re
 import resource
 import statistics
@@ -46,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion_from_scratch import ddpm_conditional
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
 from diffusion_from_scratch.modules import ConditionalUNet, SelfAttention, UNetConfig
-from diffusion_from_scratch.utils import atomic_write_text, csv_text, progress_bar
+from diffusion_from_scratch.utils import atomic_write_text, cpu_name, csv_text, progress_bar
 
 CONFIGS = "paper-b8,original-b8,paper-b50,tiny"  # comma-separated: paper-b<N> | original-b<N> | tiny
 STEPS = 3  # [1, inf) timed training steps per configuration (the median is reported)
@@ -246,16 +245,6 @@ def time_training(variant: str, batch: int, flops: int, cfg: dict, label: str) -
             "cores_used_fraction": cpu / sum(walls) / threads,
             "kernel_cpu_share": sum(r.system for r in runs) / max(cpu, 1e-9),
             "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0]}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- main

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -166,6 +167,17 @@ def require_disk(path: Path, nbytes: float, what: str) -> None:
     if free is not None and nbytes > free:
         raise InputError(f"{what}: needs about {human_bytes(nbytes)} of disk in {path}, more than the "
                          f"{human_bytes(free)} free; ask for less or choose another folder")
+
+
+def cpu_name() -> str:
+    """The CPU model as Linux's /proc/cpuinfo names it, else what the platform says (for records)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def require_writable(path: Path, flag: str) -> None:

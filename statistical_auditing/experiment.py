@@ -34,7 +34,6 @@ between sittings; combine_audits.py --runs DIR/<run>,... builds the combined rep
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
@@ -47,7 +46,8 @@ from pathlib import Path
 
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
-from diffusion_from_scratch.utils import REPO_ROOT, atomic_write_json, load_json, require_writable, writable_folder
+from diffusion_from_scratch.utils import (REPO_ROOT, atomic_write_json, cpu_name, load_json, require_writable,
+                                          writable_folder)
 
 # ----------------------------------------------------------------------------- config
 OUT = "runs/experiment"  # experiment folder: one run folder per (arm, JL seed), logs/, combined/
@@ -211,19 +211,6 @@ class Ledger:
         atomic_write_json(self.path, {"jobs": self.entries})
 
 
-def machine() -> str:
-    """The CPU model (Linux's /proc/cpuinfo, else the platform) and its core count, for the record."""
-    import platform
-
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def keep_run(run_dir: Path, ledger_entries: dict, dest: Path) -> Path:
     """Copy a finished run's small outputs to ``dest/<run name>``: its CSV, JSON and markdown files
     (none under checkpoints/ or samples/, nor the per-image and per-step records NOT_KEPT), the
@@ -239,7 +226,7 @@ def keep_run(run_dir: Path, ledger_entries: dict, dest: Path) -> Path:
         if path.suffix in KEPT_SUFFIXES or relative.as_posix() in KEPT_IMAGES:
             (kept / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, kept / relative)
-    atomic_write_json(kept / "jobs.json", {"jobs": ledger_entries, "machine": machine()})
+    atomic_write_json(kept / "jobs.json", {"jobs": ledger_entries, "machine": f"{cpu_name()}, {os.cpu_count()} cores"})
     return kept
 
 

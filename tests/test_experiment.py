@@ -161,8 +161,8 @@ def test_a_background_experiment_stops_on_sigterm_and_takes_its_running_job_with
 def test_experiment_plan_is_the_full_design():
     from statistical_auditing import experiment
 
-    jobs, runs = experiment.plan({**{k.lower(): v for k, v in vars(experiment).items() if k.isupper()
-                                     and isinstance(v, (str, int))}, "out": "/x", "data": "/d"})
+    defaults = {k.lower(): v for k, v in vars(experiment).items() if k.isupper() and isinstance(v, (str, int))}
+    jobs, runs = experiment.plan({**defaults, "out": "/x", "data": "/d"})
     assert len(runs) == 9 and sorted({r.split("/")[-1].split("-")[0] for r in runs}) == ["debiased", "projected",
                                                                                           "w2v"]
     names = [j.name for j in jobs]
@@ -172,8 +172,7 @@ def test_experiment_plan_is_the_full_design():
     assert train.command[train.command.index("--debias") + 1] == "hard"
     assert train.command[train.command.index("--jl_seed") + 1] == "1"
     assert "--num_threads" in train.command and train.command[train.command.index("--num_threads") + 1] == "1"
-    jobs, _ = experiment.plan({**{k.lower(): v for k, v in vars(experiment).items() if k.isupper()
-                                  and isinstance(v, (str, int))}, "out": "/x", "data": "/d", "threads": 2})
+    jobs, _ = experiment.plan({**defaults, "out": "/x", "data": "/d", "threads": 2})
     torch_jobs = [j for j in jobs if j.name not in ("data", "combine")]
     assert len(torch_jobs) == 9 + 9 + 3 + 9
     for job in torch_jobs:
