@@ -203,3 +203,16 @@ def test_a_finished_job_is_skipped_from_another_interpreter_or_checkout_but_not_
 def test_experiment_rejects_bad_arms():
     result = run_script("statistical_auditing/experiment.py", "--arms", "w2v,sideways", check=False)
     assert result.returncode == 2 and "--arms" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kept_runs_are_not_hidden_by_gitignore():
+    """A kept run is a result meant to be committed; the training runs' ignore rule once swallowed it silently."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+    assert not ignored("results/experiment/runs/w2v-jl0/audit/report.md")
+    assert ignored("runs/tiny/checkpoints/latest")  # training runs (weights) stay out of git
