@@ -1,6 +1,8 @@
 """The experiment's scripts end to end on a smoke run, and the whole `make experiment` chain in seconds."""
 import csv
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,8 +18,6 @@ def _rows(path):
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory, smoke_run):
     """A copy of the session's smoke run, audited with the smoke preset."""
-    import shutil
-
     run = tmp_path_factory.mktemp("audited") / "run"
     shutil.copytree(smoke_run, run)
     run_script("statistical_auditing/audit.py", "--run", str(run), "--preset", "smoke", "--num_threads", "1")
@@ -207,11 +207,9 @@ def test_experiment_rejects_bad_arms():
 
 def test_kept_runs_are_not_hidden_by_gitignore():
     """A kept run is a result meant to be committed; the training runs' ignore rule once swallowed it silently."""
-    import shutil
-    import subprocess
-
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
+
     def ignored(path):
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
     assert not ignored("results/experiment/runs/w2v-jl0/audit/report.md")
