@@ -49,8 +49,6 @@ def test_audit_writes_seed_level_shares_and_scene_columns(audited_run):
 
 @pytest.mark.smoke
 def test_rerun_with_other_settings_leaves_no_stale_files(audited_run, tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(audited_run, run)
     stale = run / "audit" / "regression_g3_scoredecomp_cosine_gap_jl.png"
@@ -133,7 +131,6 @@ def test_experiment_smoke_runs_the_whole_chain_and_resumes(tmp_path):
 @pytest.mark.smoke
 def test_a_background_experiment_stops_on_sigterm_and_takes_its_running_job_with_it(tmp_path):
     import signal
-    import subprocess
     import sys
     import time
 
