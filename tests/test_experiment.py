@@ -2,7 +2,10 @@
 import csv
 import json
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -130,10 +133,6 @@ def test_experiment_smoke_runs_the_whole_chain_and_resumes(tmp_path):
 
 @pytest.mark.smoke
 def test_a_background_experiment_stops_on_sigterm_and_takes_its_running_job_with_it(tmp_path):
-    import signal
-    import sys
-    import time
-
     out, data = tmp_path / "exp", tmp_path / "data"
     command = [sys.executable, str(REPO / "statistical_auditing/experiment.py"), "--out", str(out), "--data",
                str(data), "--preset", "smoke", "--workers", "1", "--arms", "w2v",
