@@ -28,13 +28,15 @@ output goes to <out>/logs/<job>.log. A failed job stops only the jobs that need 
 summary names it and the exit status is non-zero.
 <out>/experiment.json records the wall time of each sitting beside the sum of the jobs'
 own times (what the same jobs cost one after another).
---keep DIR copies each run, as soon as its last job finishes, to DIR/<run> without its weights
-and sample arrays (keep_run): a few hundred kB to commit, for machines that lose their disk
-between sittings; combine_audits.py --runs DIR/<run>,... builds the combined report from them.
+--keep DIR copies each run, as soon as its last job finishes, to DIR/<run> without its weights,
+sample arrays and most plots (keep_run; its reports name the plots left behind): a few hundred kB
+to commit, for machines that lose their disk between sittings; combine_audits.py --runs
+DIR/<run>,... builds the combined report from them.
 """
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -46,8 +48,8 @@ from pathlib import Path
 
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
-from diffusion_from_scratch.utils import (REPO_ROOT, atomic_write_json, cpu_name, load_json, require_writable,
-                                          writable_folder)
+from diffusion_from_scratch.utils import (REPO_ROOT, atomic_write_json, atomic_write_text, cpu_name, load_json,
+                                          require_writable, writable_folder)
 
 # ----------------------------------------------------------------------------- config
 OUT = "runs/experiment"  # experiment folder: one run folder per (arm, JL seed), logs/, combined/
@@ -216,7 +218,8 @@ def keep_run(run_dir: Path, ledger_entries: dict, dest: Path) -> Path:
     (none under checkpoints/ or samples/, nor the per-image and per-step records NOT_KEPT), the
     KEPT_IMAGES, and ``jobs.json`` with its jobs' ledger entries (commands, wall times) and the
     machine. No weights and no sample arrays, so the copy is small enough to commit, and
-    combine_audits.py --runs reads it as it reads the run itself."""
+    combine_audits.py --runs reads it as it reads the run itself. The copy's reports name the plots
+    left behind instead of linking to them (mark_unkept_images)."""
     kept = dest / run_dir.name
     for path in sorted(run_dir.rglob("*")):
         relative = path.relative_to(run_dir)
@@ -227,7 +230,31 @@ def keep_run(run_dir: Path, ledger_entries: dict, dest: Path) -> Path:
             (kept / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, kept / relative)
     atomic_write_json(kept / "jobs.json", {"jobs": ledger_entries, "machine": f"{cpu_name()}, {os.cpu_count()} cores"})
+    mark_unkept_images(kept)
     return kept
+
+
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^()\s]+)\)")  # ![alt](target) in a report
+
+
+def mark_unkept_images(folder: Path) -> int:
+    """Replace every markdown image link under ``folder`` whose local target is missing with a line
+    that names the image and says it was not kept, so a kept report never shows a broken image;
+    the run's own folder still has the plot. Idempotent; returns how many links it replaced."""
+    replaced = 0
+    for report in sorted(folder.rglob("*.md")):
+        def unkept(match: re.Match) -> str:
+            nonlocal replaced
+            alt, target = match.groups()
+            if "://" in target or (report.parent / target).is_file():
+                return match.group(0)
+            replaced += 1
+            return f"*(plot `{target}` ({alt}) not kept in this copy: it is in the run's own folder)*"
+        text = report.read_text()
+        marked = IMAGE_LINK.sub(unkept, text)
+        if marked != text:
+            atomic_write_text(report, marked)
+    return replaced
 
 
 def run_jobs(jobs: list[Job], out: Path, workers: int, threads: int = 1, keep: Path | None = None) -> dict:

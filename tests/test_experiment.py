@@ -18,6 +18,15 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
+def _dangling_image_links(folder):
+    """(report, target) for each markdown image link under ``folder`` whose local file is missing."""
+    from statistical_auditing.experiment import IMAGE_LINK
+
+    return [(report.as_posix(), target) for report in sorted(folder.rglob("*.md"))
+            for _, target in IMAGE_LINK.findall(report.read_text())
+            if "://" not in target and not (report.parent / target).is_file()]
+
+
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory, smoke_run):
     """A copy of the session's smoke run, audited with the smoke preset."""
@@ -107,6 +116,8 @@ def test_experiment_smoke_runs_the_whole_chain_and_resumes(tmp_path):
         assert set(record["jobs"]) == {f"{stage}/{run.name}" for stage in stages}
         assert all(entry["status"] == "done" for entry in record["jobs"].values()) and record["machine"]
     assert (tmp_path / "kept" / "w2v-jl0" / "dose_response" / "slopes.csv").is_file()
+    assert not _dangling_image_links(tmp_path / "kept")  # the plots left behind are named, not broken links
+    assert "not kept in this copy" in (tmp_path / "kept" / "w2v-jl0" / "audit" / "report.md").read_text()
     in_plan_order = [str(tmp_path / "kept" / name) for name in ("w2v-jl0", "debiased-jl0", "projected-jl0")]
     run_script("statistical_auditing/combine_audits.py", "--runs", ",".join(in_plan_order), "--out",
                str(tmp_path / "from-kept"), "--n_boot", "50", "--include_failed", "true")
@@ -210,3 +221,28 @@ def test_kept_runs_are_not_hidden_by_gitignore():
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
     assert not ignored("results/experiment/runs/w2v-jl0/audit/report.md")
     assert ignored("runs/tiny/checkpoints/latest")  # training runs (weights) stay out of git
+
+
+def test_kept_reports_name_the_plots_they_left_behind(tmp_path):
+    from statistical_auditing.experiment import mark_unkept_images
+
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "kept.png").write_bytes(b"\x89PNG")
+    report = tmp_path / "audit" / "report.md"
+    report.write_text("![kept](kept.png)\n![shares, g1](shares.png) and ![web](https://x.org/a.png)\n"
+                      "![up](../loss.png)\n")
+    assert mark_unkept_images(tmp_path) == 2  # shares.png and ../loss.png are missing
+    assert report.read_text() == ("![kept](kept.png)\n*(plot `shares.png` (shares, g1) not kept in this copy: it is "
+                                  "in the run's own folder)* and ![web](https://x.org/a.png)\n*(plot `../loss.png` "
+                                  "(up) not kept in this copy: it is in the run's own folder)*\n")
+    assert mark_unkept_images(tmp_path) == 0  # idempotent
+    (tmp_path / "loss.png").write_bytes(b"\x89PNG")
+    (tmp_path / "other.md").write_text("![loss](loss.png)\n")
+    assert mark_unkept_images(tmp_path) == 0 and (tmp_path / "other.md").read_text() == "![loss](loss.png)\n"
+
+
+def test_committed_kept_runs_have_no_broken_image_links():
+    runs = REPO / "results" / "experiment" / "runs"
+    if not runs.is_dir():
+        pytest.skip("no kept runs in this checkout")
+    assert not _dangling_image_links(runs)
