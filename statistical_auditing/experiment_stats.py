@@ -305,17 +305,45 @@ def logistic_fit(x: Sequence[float], successes: Sequence[int], n: Sequence[int],
 # ----------------------------------------------------------------------------- Lipschitz
 
 
+SAME_CONDITIONING_RTOL = 1e-4  # ||y1 - y2|| <= this x max(||y1||, ||y2||): the same vector up to float32 rounding
+
+
+def same_conditioning_distance(y_1: np.ndarray, y_2: np.ndarray) -> np.ndarray:
+    """The distance at or below which y_1 and y_2 count as one conditioning:
+    SAME_CONDITIONING_RTOL * max(||y_1||, ||y_2||) (per row for (N, d) inputs).
+
+    One vector computed two ways (a dose-response point at alpha = 0 and the word it moves) differs
+    by float32 rounding, about 1e-7 of its norm; a ratio over that distance measures the rounding,
+    not the model (it gave ratios of 1e4-1e5 where real pairs give about 1).
+    """
+    y_1, y_2 = np.asarray(y_1, dtype=np.float64), np.asarray(y_2, dtype=np.float64)
+    return SAME_CONDITIONING_RTOL * np.maximum(np.linalg.norm(y_1, axis=-1), np.linalg.norm(y_2, axis=-1))
+
+
+def distinct_rows(vectors: np.ndarray) -> list[int]:
+    """Indices of the rows of ``vectors`` (V, d) left when every row within
+    ``same_conditioning_distance`` of an earlier kept row is dropped (first occurrences kept)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    kept: list[int] = []
+    for i, row in enumerate(vectors):
+        if not any(np.linalg.norm(row - vectors[j]) <= same_conditioning_distance(row, vectors[j]) for j in kept):
+            kept.append(i)
+    return kept
+
+
 def lipschitz_ratios(eps_1: np.ndarray, eps_2: np.ndarray, y_1: np.ndarray, y_2: np.ndarray) -> np.ndarray:
     """Empirical Lipschitz ratios ||f(x, y1) - f(x, y2)||_2 / ||y1 - y2||_2, one per row.
 
     eps_1, eps_2: (N, D) outputs of the same inputs x under conditionings y_1, y_2 (N, d)
     (or (d,), broadcast). Each ratio is a lower bound on the Lipschitz constant of f in y
-    at x (for any L with ||f(x, a) - f(x, b)|| <= L ||a - b||, L >= ratio). Pairs with
-    y_1 = y_2 are an error.
+    at x (for any L with ||f(x, a) - f(x, b)|| <= L ||a - b||, L >= ratio). Pairs that are one
+    conditioning (``same_conditioning_distance``: equal up to float rounding) are an error.
     """
     eps_1, eps_2 = np.asarray(eps_1, dtype=np.float64), np.asarray(eps_2, dtype=np.float64)
-    distance = np.linalg.norm(np.broadcast_to(np.asarray(y_1, dtype=np.float64) - np.asarray(y_2, dtype=np.float64),
-                                              (eps_1.shape[0], np.asarray(y_1).shape[-1])), axis=-1)
-    if np.any(distance == 0):
-        raise ValueError("identical conditionings have no Lipschitz ratio")
+    shape = (eps_1.shape[0], np.asarray(y_1).shape[-1])
+    y_1, y_2 = np.broadcast_to(np.asarray(y_1, dtype=np.float64), shape), np.broadcast_to(
+        np.asarray(y_2, dtype=np.float64), shape)
+    distance = np.linalg.norm(y_1 - y_2, axis=-1)
+    if np.any(distance <= same_conditioning_distance(y_1, y_2)):
+        raise ValueError("conditionings equal up to float rounding have no Lipschitz ratio (distinct_rows drops them)")
     return np.linalg.norm((eps_1 - eps_2).reshape(len(eps_1), -1), axis=-1) / distance

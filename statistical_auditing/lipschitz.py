@@ -44,7 +44,7 @@ from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, 
                                           read_text_file, require_memory, require_writable, resolve_device,
                                           writable_folder)
 from diffusion_from_scratch.word_vectors import gender_shifted_table
-from statistical_auditing.experiment_stats import lipschitz_ratios
+from statistical_auditing.experiment_stats import distinct_rows, lipschitz_ratios
 from statistical_auditing.score_interface import to_epsilon
 
 # ----------------------------------------------------------------------------- config
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         vectors.append(torch.from_numpy(shifted))
         labels += [("dose", f"{cfg['dose_word']}{a:+g}") for a in alphas]
     vectors = torch.cat(vectors).float()
-    distinct = [i for i in range(len(vectors)) if not any(torch.equal(vectors[i], vectors[j]) for j in range(i))]
-    vectors, labels = vectors[distinct], [labels[i] for i in distinct]  # alpha = 0 is the word itself
+    distinct = distinct_rows(vectors.numpy())  # alpha = 0 is the word itself, up to float rounding
+    vectors, labels = vectors[distinct], [labels[i] for i in distinct]
     x0 = test_images(run, cfg["n_images"]) * 2 - 1
     require_memory(len(timesteps) * len(x0) * len(vectors) * x0[0].numel() * 4 * 2,
                    f"--timesteps / --n_images ({len(timesteps)} timesteps x {len(x0)} images x {len(vectors)} vectors "

@@ -93,6 +93,10 @@ def test_dose_response_and_lipschitz_on_an_audited_run(audited_run):
     pairs = _rows(audited_run / "lipschitz" / "pairs.csv")
     n_vectors = summary["n_vectors"]
     assert len(pairs) == n_vectors * (n_vectors - 1) // 2
+    labels = {p["y1"] for p in pairs} | {p["y2"] for p in pairs}
+    # the alpha = 0 point is person itself (up to rounding): one vector, never a pair at distance ~0
+    assert "person" in labels and "person-0.4" in labels and "person+0" not in labels
+    assert min(float(p["distance"]) for p in pairs) > 1e-3
 
 
 @pytest.mark.smoke

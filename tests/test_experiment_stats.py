@@ -116,6 +116,18 @@ def test_lipschitz_ratio_of_a_linear_map_is_its_gain_along_the_move():
         E.lipschitz_ratios(y1 @ A.T, y1 @ A.T, y1, y1)
 
 
+def test_conditionings_equal_up_to_rounding_are_one_and_have_no_ratio():
+    # (3, 4) has norm 5, so the tolerance is 5e-4: a move of 1e-6 (float32 rounding of the same
+    # vector computed two ways) is the same conditioning, a move of 0.01 is not.
+    y = np.array([[3.0, 4.0], [3.0, 4.0 + 1e-6], [3.0, 4.01], [0.0, 1.0], [3.0 + 1e-6, 4.0]])
+    assert E.same_conditioning_distance(y[0], y[3]) == pytest.approx(5e-4)
+    assert E.distinct_rows(y) == [0, 2, 3]
+    with pytest.raises(ValueError, match="rounding"):
+        E.lipschitz_ratios(np.zeros((1, 2)), np.ones((1, 2)), y[0], y[1])
+    # a real move of 0.01 keeps its ratio: f(y) = 2 y doubles it
+    assert E.lipschitz_ratios(2 * y[:1], 2 * y[2:3], y[0], y[2]) == pytest.approx([2.0])
+
+
 def test_hierarchical_bootstrap_with_one_run_matches_scipy_pairs_bootstrap_roughly():
     rng = np.random.default_rng(5)
     x = rng.uniform(-0.2, 0.2, 25)
