@@ -1,6 +1,6 @@
 """The conditional UNet and its conditioning vector. No I/O, no downloads, no devices.
 
-Architecture (ORIGINAL.md section 2, from the public CIFAR conditional-DDPM tutorial):
+Architecture (docs/original.md section 2, from the public CIFAR conditional-DDPM tutorial):
 inc DoubleConv -> 3 x (Down + SelfAttention) -> 3 DoubleConv bottleneck -> 3 x (Up +
 SelfAttention) -> 1x1 conv. With ``UNetConfig.paper()`` it has exactly the original's
 23,332,739 parameters. Widths, attention placement and GroupNorm groups are configurable
@@ -217,7 +217,7 @@ class ConditionalUNet(nn.Module):
 class EMA:
     """Exponential moving average of weights; for the first ``warmup_steps`` it copies the model.
 
-    ema <- beta * ema + (1 - beta) * model after the warm-up (ORIGINAL.md section 2).
+    ema <- beta * ema + (1 - beta) * model after the warm-up (docs/original.md section 2).
     """
 
     def __init__(self, beta: float, warmup_steps: int):

@@ -1,6 +1,6 @@
 """ScoreDecomp on batches of images: the one implementation, the one seeding rule, the one tie rule.
 
-``scoredecomp_scores`` is ScoreDecomp (ORIGINAL.md section 4, DESIGN.md "ScoreDecomp") for a
+``scoredecomp_scores`` is ScoreDecomp (docs/original.md section 4, docs/design.md "ScoreDecomp") for a
 batch at one timestep: x_t = add_noise(x0, noise, t), then the model's noise predictions for
 the base condition and every candidate at that same (x_t, t) in one ``predict_eps`` call,
 decomposed by ``utils_classifier.score_decomp``. With method "simplex" the result is the
