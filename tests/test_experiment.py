@@ -1,13 +1,10 @@
-"""The experiment's scripts end to end on a smoke run, and the whole `make experiment` chain in seconds."""
+"""The experiment's scripts end to end on a smoke run, and what is kept of a run (the workflow itself:
+test_workflow.py)."""
 import csv
 import json
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
 
 from conftest import REPO, run_script
@@ -20,7 +17,7 @@ def _rows(path):
 
 def _dangling_image_links(folder):
     """(report, target) for each markdown image link under ``folder`` whose local file is missing."""
-    from statistical_auditing.experiment import IMAGE_LINK
+    from statistical_auditing.keep_run import IMAGE_LINK
 
     return [(report.as_posix(), target) for report in sorted(folder.rglob("*.md"))
             for _, target in IMAGE_LINK.findall(report.read_text())
@@ -99,123 +96,6 @@ def test_dose_response_and_lipschitz_on_an_audited_run(audited_run):
     assert min(float(p["distance"]) for p in pairs) > 1e-3
 
 
-@pytest.mark.smoke
-def test_experiment_smoke_runs_the_whole_chain_and_resumes(tmp_path):
-    out, data = tmp_path / "exp", tmp_path / "data"
-    args = ("--out", str(out), "--data", str(data), "--preset", "smoke", "--workers", "2",
-            "--keep", str(tmp_path / "kept"))
-    first = run_script("statistical_auditing/experiment.py", *args, timeout=900)
-    assert "report:" in first.stdout
-    # --keep: every run's small outputs, no weights or sample arrays, and enough for the combined report
-    kept = sorted((tmp_path / "kept").iterdir())
-    assert [k.name for k in kept] == ["debiased-jl0", "projected-jl0", "w2v-jl0"]
-    for run in kept:
-        files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
-        assert {"config.json", "audit/audit.json", "audit/proportions.csv", "lipschitz/lipschitz.json",
-                "jobs.json", "loss.png", "audit/samples_g1.png"} <= files, run.name
-        assert not any(f.endswith((".safetensors", ".npy")) or "/samples/" in f or f.startswith("checkpoints/")
-                       or f in ("audit/controls.json", "metrics.csv") for f in files), run.name
-        record = json.loads((run / "jobs.json").read_text())
-        stages = ("train", "audit", "lipschitz") + (("dose",) if run.name.startswith("w2v") else ())
-        assert set(record["jobs"]) == {f"{stage}/{run.name}" for stage in stages}
-        assert all(entry["status"] == "done" for entry in record["jobs"].values()) and record["machine"]
-    assert (tmp_path / "kept" / "w2v-jl0" / "dose_response" / "slopes.csv").is_file()
-    assert not _dangling_image_links(tmp_path / "kept")  # the plots left behind are named, not broken links
-    assert "not kept in this copy" in (tmp_path / "kept" / "w2v-jl0" / "audit" / "report.md").read_text()
-    in_plan_order = [str(tmp_path / "kept" / name) for name in ("w2v-jl0", "debiased-jl0", "projected-jl0")]
-    run_script("statistical_auditing/combine_audits.py", "--runs", ",".join(in_plan_order), "--out",
-               str(tmp_path / "from-kept"), "--n_boot", "50", "--include_failed", "true")
-    for name in ("seen.csv", "regressions.csv", "dose_slopes.csv", "lipschitz.csv"):
-        assert (tmp_path / "from-kept" / name).read_text() == (out / "combined" / name).read_text(), name
-    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
-    assert all(entry["status"] == "done" for entry in jobs.values())
-    assert {name.split("/")[0] for name in jobs} == {"data", "train", "audit", "dose", "lipschitz", "combine"}
-    runs = _rows(out / "combined" / "runs.csv")
-    assert sorted(r["arm"] for r in runs) == ["debiased", "projected", "w2v"]
-    regressions = _rows(out / "combined" / "regressions.csv")
-    # hard-debiasing zeroes every gap before the projection: that regression must be undefined, never a slope
-    before = [r for r in regressions if r["arm"] == "debiased" and r["x"] == "cosine_gap" and r["level"] == "arm"]
-    assert before and all(r["defined"] == "False" and r["slope"] == "" for r in before)
-    projected_after = [r for r in regressions if r["arm"] == "projected" and r["x"] == "cosine_gap_jl"]
-    assert projected_after and all(r["defined"] == "False" for r in projected_after)
-    shifts = _rows(out / "combined" / "jl_shift_summary.csv")
-    assert {int(r["jl_dim"]) for r in shifts} == {64, 128, 256}
-    record = json.loads((out / "experiment.json").read_text())
-    assert record["job_seconds_all_sittings"] > 0 and len(record["sittings"]) == 1
-    second = run_script("statistical_auditing/experiment.py", *args, timeout=900)
-    assert "already done" in second.stdout and "start " not in second.stdout
-
-
-@pytest.mark.smoke
-def test_a_background_experiment_stops_on_sigterm_and_takes_its_running_job_with_it(tmp_path):
-    out, data = tmp_path / "exp", tmp_path / "data"
-    command = [sys.executable, str(REPO / "statistical_auditing/experiment.py"), "--out", str(out), "--data",
-               str(data), "--preset", "smoke", "--workers", "1", "--arms", "w2v",
-               "--train_args", "--preset smoke --max_steps 0 --epochs 1000"]  # a training that outlasts the test
-    # `cmd &` in a script starts the job with SIGINT ignored: only SIGTERM can stop it
-    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    train_log = out / "logs" / "train__w2v-jl0.log"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (train_log.exists() and "step" in train_log.read_text()):
-        time.sleep(0.5)
-    assert train_log.exists() and "step" in train_log.read_text(), "the training never started"
-    driver.send_signal(signal.SIGTERM)
-    _, stderr = driver.communicate(timeout=120)
-    assert driver.returncode == 130 and "rerun" in stderr
-    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
-    assert jobs["train/w2v-jl0"]["status"] == "interrupted"
-    left = subprocess.run(["pgrep", "-f", str(out / "w2v-jl0")], capture_output=True, text=True).stdout.split()
-    assert not left, f"the training outlived its driver: {left}"
-
-
-def test_experiment_plan_is_the_full_design():
-    from statistical_auditing import experiment
-
-    defaults = {k.lower(): v for k, v in vars(experiment).items() if k.isupper() and isinstance(v, (str, int))}
-    jobs, runs = experiment.plan({**defaults, "out": "/x", "data": "/d"})
-    assert len(runs) == 9 and sorted({r.split("/")[-1].split("-")[0] for r in runs}) == ["debiased", "projected",
-                                                                                          "w2v"]
-    names = [j.name for j in jobs]
-    assert names.count("combine") == 1 and sum(n.startswith("train/") for n in names) == 9
-    assert sum(n.startswith("dose/") for n in names) == 3  # the w2v arm only, by default
-    train = next(j for j in jobs if j.name == "train/debiased-jl1")
-    assert train.command[train.command.index("--debias") + 1] == "hard"
-    assert train.command[train.command.index("--jl_seed") + 1] == "1"
-    assert "--num_threads" in train.command and train.command[train.command.index("--num_threads") + 1] == "1"
-    jobs, _ = experiment.plan({**defaults, "out": "/x", "data": "/d", "threads": 2})
-    torch_jobs = [j for j in jobs if j.name not in ("data", "combine")]
-    assert len(torch_jobs) == 9 + 9 + 3 + 9
-    for job in torch_jobs:
-        assert job.command[job.command.index("--num_threads") + 1] == "2", job.name
-
-
-def test_a_finished_job_is_skipped_from_another_interpreter_or_checkout_but_not_with_other_arguments(tmp_path):
-    from statistical_auditing.experiment import Job, Ledger
-
-    job = Job("audit/w2v-jl0", ["/new/venv/bin/python", "/new/clone/statistical_auditing/audit.py", "--run", "/r"])
-    moved = ["/old/venv/bin/python", "/old/clone/statistical_auditing/audit.py", "--run", "/r"]
-    for command, status, skipped in [(moved, "done", True), (moved, "failed", False),
-                                     (moved[:2] + ["--run", "/other"], "done", False),
-                                     (["/old/venv/bin/python", "/old/clone/statistical_auditing/lipschitz.py",
-                                       "--run", "/r"], "done", False),
-                                     (moved + ["--num_threads", "2"], "done", True),  # threads: same result
-                                     (moved + ["--num_threads"], "done", False),
-                                     ("not a list", "done", False), ([moved[0]], "done", False)]:
-        (tmp_path / "jobs.json").write_text(json.dumps({"jobs": {job.name: {"command": command, "status": status}}}))
-        assert Ledger(tmp_path / "jobs.json").done(job) is skipped, (command, status)
-    (tmp_path / "jobs.json").write_text(json.dumps({"jobs": {job.name: 5}}))  # a damaged entry is redone
-    ledger = Ledger(tmp_path / "jobs.json")
-    assert not ledger.done(job)
-    ledger.record(job, status="done")
-    assert Ledger(tmp_path / "jobs.json").done(job)
-
-
-def test_experiment_rejects_bad_arms():
-    result = run_script("statistical_auditing/experiment.py", "--arms", "w2v,sideways", check=False)
-    assert result.returncode == 2 and "--arms" in result.stderr and "Traceback" not in result.stderr
-
-
 def test_kept_runs_are_not_hidden_by_gitignore():
     """A kept run is a result meant to be committed; the training runs' ignore rule once swallowed it silently."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
@@ -228,7 +108,7 @@ def test_kept_runs_are_not_hidden_by_gitignore():
 
 
 def test_kept_reports_name_the_plots_they_left_behind(tmp_path):
-    from statistical_auditing.experiment import mark_unkept_images
+    from statistical_auditing.keep_run import mark_unkept_images
 
     (tmp_path / "audit").mkdir()
     (tmp_path / "audit" / "kept.png").write_bytes(b"\x89PNG")

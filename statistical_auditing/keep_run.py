@@ -1,0 +1,167 @@
+"""Keep a finished run of the experiment: copy what a reader needs into a folder to commit.
+
+    python statistical_auditing/keep_run.py --run runs/experiment/w2v-jl0 --dest results/experiment/runs \
+        --records runs/experiment/records [--weights true]
+
+The experiment's workflow (workflow/Snakefile, `--keep`) runs this once each run's last job
+has finished. The copy <dest>/<run>/ holds the run's CSV, JSON and markdown outputs (none
+under checkpoints/ or samples/, nor the per-image and per-step records NOT_KEPT), the
+KEPT_IMAGES, records.json (every start of each of the run's jobs: commit, local changes,
+times; paths relative to the repository or the run) and, with --weights, the EMA weights in
+half precision with the conditioning (pipeline.export_weights), so that
+`audit.py --run <dest>/<run> --out <elsewhere>` re-audits it without training. Its reports
+name the plots left behind instead of linking to them (mark_unkept_images).
+
+The copy replaces <dest>/<run> as a whole (built beside it, then swapped in), so a copy
+never mixes two keeps; a folder there that is not a kept copy of the same run (another arm,
+JL seed, training seed or recipe) is refused, never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.utils import REPO_ROOT, atomic_write_json, atomic_write_text, load_json
+
+# ----------------------------------------------------------------------------- config
+RUN = ""  # the finished run folder to keep
+DEST = ""  # folder that receives <DEST>/<run name>/
+RECORDS = ""  # the experiment's job records (workflow/job.py); empty = none
+WEIGHTS = True  # also keep the EMA weights (half precision, ~7 MB for the tiny UNet) and the conditioning
+
+KEPT_SUFFIXES = (".csv", ".json", ".md")  # what is kept of a run, besides KEPT_IMAGES
+KEPT_IMAGES = ("loss.png", "audit/samples_g1.png")  # the loss curve and the model's own (guidance 1) samples
+NOT_KEPT = ("audit/controls.json", "metrics.csv")  # per-image / per-step records (controls.csv, loss.png sum them up)
+IDENTITY_KEYS = ("debias", "jl_seed", "seed")  # with the recipe, what makes two run folders the same run
+MARKER = "kept.json"  # written last: the copy is complete
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^()\s]+)\)")  # ![alt](target) in a report
+
+
+def run_identity(config: dict) -> dict:
+    """The identity of a run from its config.json: the design's keys and the training recipe
+    (every other training setting; where the run's files and data lie is not identity)."""
+    train = config.get("train", config)
+    return {key: train.get(key, config.get(key)) for key in IDENTITY_KEYS} | {
+        "recipe": {key: value for key, value in sorted(train.items())
+                   if key not in IDENTITY_KEYS + ("run_dir", "dataset_path", "resume", "num_threads", "device",
+                                                  "wandb", "class_words", "embedding")}}
+
+
+def portable_text(text: str, run_dir: Path) -> str:
+    """``text`` with absolute paths written relative to the repository or the run folder; any
+    other absolute path keeps only its last two parts (a reader's machine has neither)."""
+    def replace(match: re.Match) -> str:
+        path = Path(match.group(0))
+        for base, prefix in ((run_dir.resolve(), ""), (REPO_ROOT, "")):
+            try:
+                return prefix + (path.relative_to(base).as_posix() or ".")
+            except ValueError:
+                continue
+        return ".../" + "/".join(path.parts[-2:])
+    return re.sub(r"/(?:[^\s\"',:;)\]]+/)*[^\s\"',:;)\]]+", lambda m: replace(m) if m.group(0).startswith(
+        ("/root/", "/work/", "/tmp/", "/home/", "/mnt/", "/scratch/", "/data/", "/opt/", "/var/", "/Users/"))
+        else m.group(0), text)
+
+
+def mark_unkept_images(folder: Path) -> int:
+    """Replace every markdown image link under ``folder`` whose local target is missing with a line
+    that names the image and says it was not kept, so a kept report never shows a broken image;
+    the run's own folder still has the plot. Idempotent; returns how many links it replaced."""
+    replaced = 0
+    for report in sorted(folder.rglob("*.md")):
+        def unkept(match: re.Match) -> str:
+            nonlocal replaced
+            alt, target = match.groups()
+            if "://" in target or (report.parent / target).is_file():
+                return match.group(0)
+            replaced += 1
+            return f"*(plot `{target}` ({alt}) not kept in this copy: it is in the run's own folder)*"
+        text = report.read_text()
+        marked = IMAGE_LINK.sub(unkept, text)
+        if marked != text:
+            atomic_write_text(report, marked)
+    return replaced
+
+
+def job_records(records: Path, run: str) -> dict:
+    """The records of a run's jobs (workflow/job.py writes <records>/<kind>__<run>.json), this keep's
+    own (still running) excepted."""
+    if not records.is_dir():
+        return {}
+    return {path.stem.replace("__", "/"): load_json(path) for path in sorted(records.glob(f"*__{run}.json"))
+            if not path.name.startswith("keep__")}
+
+
+def check_destination(kept: Path, identity: dict) -> None:
+    """A folder already at the destination must be a kept copy of this same run."""
+    if not kept.exists():
+        return
+    if not (kept / MARKER).is_file() and any(kept.iterdir()):
+        raise InputError(f"--dest: {kept} exists and is not a kept run (no {MARKER}); move it away")
+    if (kept / "config.json").is_file():
+        theirs = run_identity(load_json(kept / "config.json"))
+        for key in identity:
+            if theirs.get(key) != identity[key]:
+                raise InputError(f"--dest: {kept} keeps another run ({key} differs: {theirs.get(key)!r} there, "
+                                 f"{identity[key]!r} here); keep into another folder or move it away")
+
+
+def keep_run(run_dir: Path, dest: Path, records: Path | None, weights: bool) -> Path:
+    """Copy a finished run's small outputs (and optionally its weights) to ``dest/<run name>``."""
+    from diffusion_from_scratch.pipeline import export_weights, read_run_config
+
+    config = read_run_config(run_dir / "config.json")
+    kept = dest / run_dir.name
+    check_destination(kept, run_identity(config))
+    staging = dest / f".{run_dir.name}.keeping-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    for path in sorted(run_dir.rglob("*")):
+        relative = path.relative_to(run_dir)
+        if (not path.is_file() or {"checkpoints", "samples"} & set(relative.parts[:-1])
+                or relative.as_posix() in NOT_KEPT or relative.name.startswith(".")):
+            continue
+        if path.suffix in KEPT_SUFFIXES or relative.as_posix() in KEPT_IMAGES:
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix in KEPT_SUFFIXES:
+                (staging / relative).write_text(portable_text(path.read_text(), run_dir))
+            else:
+                shutil.copy2(path, staging / relative)
+    if weights:
+        export_weights(run_dir, staging)
+        # export_weights copies config.json as it is; the kept one has portable paths like the rest
+        (staging / "config.json").write_text(portable_text((run_dir / "config.json").read_text(), run_dir))
+    jobs = job_records(records, run_dir.name) if records else {}
+    atomic_write_json(staging / "records.json", json.loads(portable_text(json.dumps(jobs), run_dir)))
+    mark_unkept_images(staging)
+    atomic_write_json(staging / MARKER, {"run": run_dir.name, "weights": weights,
+                                         "identity": run_identity(config),
+                                         "jobs": {name: [s.get("commit") for s in record.get("starts", [])]
+                                                  for name, record in jobs.items()}})
+    old = dest / f".{run_dir.name}.replaced-{os.getpid()}"
+    if kept.exists():
+        kept.rename(old)
+    staging.rename(kept)
+    shutil.rmtree(old, ignore_errors=True)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg = config_from_constants(constants_of(globals()), None, argv, description=__doc__.splitlines()[0])
+    require(bool(cfg["run"]) and bool(cfg["dest"]), "--run and --dest: both are required")
+    run_dir, dest = Path(cfg["run"]), Path(cfg["dest"])
+    require((run_dir / "config.json").is_file(), f"--run: {run_dir} is not a training run folder (no config.json)")
+    require(run_dir.resolve() not in (dest.resolve(), *dest.resolve().parents),
+            f"--dest: {dest} lies inside the run {run_dir}; keep it elsewhere")
+    dest.mkdir(parents=True, exist_ok=True)
+    kept = keep_run(run_dir, dest, Path(cfg["records"]) if cfg["records"] else None, cfg["weights"])
+    print(f"kept {run_dir.name} in {kept}")
+    return kept
+
+
+if __name__ == "__main__":
+    run_main(main)
