@@ -30,6 +30,15 @@ pooled estimate.
    sizes --jl_dims, for the original and the hard-debiased embedding.
 4. Dose-response slopes and Lipschitz ratios, per run and per arm.
 
+The runs must belong together: each listed once (by folder and by identity: arm, JL seed,
+training seed and recipe), and the same training recipe, training step, audit settings (k rule,
+sampler, sample steps, images per word, guidance scales) and unseen word list; otherwise one
+line names the differing setting and the two runs' values. Inputs read again here (the
+professions list) come from this repository, checked against the sha256 the audit recorded or,
+for older audits without one, against the words the run's tables hold; the absolute path a
+run recorded on its own machine is never opened. --out must be a new or empty folder or an
+earlier output of this script (marked by .owner.json), and never inside a run folder.
+
 Outputs in --out: report.md, runs.csv, seen.csv, seen_arms.csv, regressions.csv,
 contrasts.csv, held_out.csv, unseen.csv, spread.csv, jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv,
 dose_points.csv, lipschitz.csv, and PNGs.
@@ -37,8 +46,11 @@ dose_points.csv, lipschitz.csv, and PNGs.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +61,13 @@ from diffusion_from_scratch.cli import (InputError, config_from_constants, const
 from diffusion_from_scratch.utils import (atomic_write_text, compact_csv_text, load_json, load_word_list,
                                           read_text_file, require_writable, writable_folder)
 from statistical_auditing import experiment_stats as E
+
+REPO = Path(__file__).resolve().parent.parent
+OWNER_FILE = ".owner.json"  # marks --out as this script's output, so a rerun may replace it
+OWNER = {"tool": "combine_audits"}
+# combine's own outputs: a folder holding these (an output made before the marker existed) is ours too
+OWN_OUTPUTS = ("report.md", "runs.csv")
+OWN_TITLE = "# Combined audit of the experiment"
 
 # ----------------------------------------------------------------------------- config
 RUNS = ""  # comma-separated run folders (each audited) or their audit folders
@@ -130,12 +149,180 @@ def load_run(entry: str) -> dict:
     lipschitz_summary = load_json(lipschitz) if lipschitz.is_file() else None
     require(lipschitz_summary is None or isinstance(lipschitz_summary, dict),
             f"{lipschitz}: expected a JSON object (lipschitz.py writes it); rerun lipschitz.py or move it away")
+    config_path = run_dir / "config.json"
+    training = load_json(config_path) if config_path.is_file() else {}
+    require(isinstance(training, dict), f"{config_path}: expected the run's training record (a JSON object); "
+                                        f"is {run_dir} a run folder?")
     arm = ARM_NAMES.get(str(summary["debias"]), str(summary["debias"]))
-    return {"name": run_dir.name, "dir": run_dir, "summary": summary, "shares": shares, "seeds": seeds, "arm": arm,
+    return {"name": run_dir.name, "dir": run_dir, "entry": entry, "resolved": run_dir.resolve(), "training": training,
+            "summary": summary, "shares": shares, "seeds": seeds, "arm": arm,
             "jl_seed": summary["jl_seed"], "failed": list(summary["controls_failed"]),
             "dose_points": read_csv(dose / "dose_response.csv") if (dose / "dose_response.csv").is_file() else [],
             "dose_slopes": read_csv(dose / "slopes.csv") if (dose / "slopes.csv").is_file() else [],
             "lipschitz": lipschitz_summary}
+
+
+# ----------------------------------------------------------------------------- do the runs belong together?
+# Training settings that are not the recipe: the run's identity (its arm, JL seed and training seed),
+# where its files were, which follow from those (conditioning_sha256), and how the machine ran it.
+IDENTITY_KEYS = ("debias", "jl_seed", "seed")
+NOT_RECIPE_KEYS = ("run_dir", "dataset_path", "class_words", "conditioning_sha256", "num_threads", "resume", "device",
+                   "wandb")
+
+
+def training_recipe(training: dict) -> dict:
+    """The settings of a run's config.json that must agree between runs pooled together: every
+    top-level and ``train`` setting except IDENTITY_KEYS and NOT_RECIPE_KEYS (and their
+    ``*_sha256``). ``class_words`` of ``train`` is the word file's path; its content is the
+    top-level ``class_words`` table, which is compared."""
+    def kept(key: str, top: bool) -> bool:
+        if top and key in ("train", "class_words"):  # compared key by key; the class words table itself
+            return key == "class_words"
+        return not {key, key.removesuffix("_sha256")} & {*IDENTITY_KEYS, *NOT_RECIPE_KEYS}
+
+    recipe = {key: value for key, value in training.items() if kept(key, True)}
+    train = training.get("train") if isinstance(training.get("train"), dict) else {}
+    return recipe | {f"train.{key}": value for key, value in train.items() if kept(key, False)}
+
+
+def run_identity(run: dict) -> tuple:
+    train = run["training"].get("train") if isinstance(run["training"].get("train"), dict) else {}
+    return (run["arm"], run["jl_seed"], train.get("seed"), json.dumps(training_recipe(run["training"]), sort_keys=True))
+
+
+def refuse_duplicates(runs: list[dict]) -> None:
+    """Each run once: two entries naming the same folder (A, A/, A/audit, a link to A) or two
+    folders holding the same run (a copy: same arm, JL seed, training seed and recipe) stop here."""
+    for i, run in enumerate(runs):
+        for earlier in runs[:i]:
+            if run["resolved"] == earlier["resolved"]:
+                raise InputError(f"--runs: {earlier['entry']!r} and {run['entry']!r} are the same run folder "
+                                 f"({display_path(run['dir'], None)}); list each run once")
+            if run_identity(run) == run_identity(earlier):
+                raise InputError(f"--runs: {earlier['entry']!r} and {run['entry']!r} hold the same run (arm "
+                                 f"{run['arm']}, JL seed {run['jl_seed']}, training seed "
+                                 f"{run_identity(run)[2]}, same recipe): a copy; list each run once")
+            if run["name"] == earlier["name"]:
+                raise InputError(f"--runs: {earlier['entry']!r} and {run['entry']!r} are both named {run['name']!r}, "
+                                 f"the name every table gives a run; rename one folder")
+
+
+def comparable_settings(run: dict) -> dict:
+    """What must agree between pooled runs, by the name a refusal shows: the training step and
+    recipe, how the audit measured (the k rule: k requested, 0 = chosen on the run's own
+    selection half, so the chosen k may differ; sampler, steps, images, guidance scales,
+    methods) and which words it audited (the word list's repository file and the words)."""
+    summary, config = run["summary"], run["summary"]["config"]
+    settings = {"training step": summary["run_step"]}
+    settings |= {f"training recipe: {key}": value for key, value in sorted(training_recipe(run["training"]).items())}
+    for key in ("k", "k_list", "num_inference_steps", "sampler", "sample_steps", "n_per_word", "n_per_seed",
+                "n_seeds", "max_unseen", "unseen_pick", "call", "scoredecomp_base"):
+        settings[f"audit {key}"] = config.get(key)
+    settings |= {"guidance scales": summary.get("guidance"), "audit methods": summary.get("methods"),
+                 "embedding": summary.get("embedding"), "seen words": summary.get("seen"),
+                 "unseen words": summary.get("unseen"), "unseen word list": run["words_file"]}
+    return settings
+
+
+def refuse_mixed_runs(runs: list[dict]) -> None:
+    """Runs pooled together must differ only in their identity; the first setting that differs stops here."""
+    first, reference = runs[0], comparable_settings(runs[0])
+    for run in runs[1:]:
+        settings = comparable_settings(run)
+        for key in dict.fromkeys([*reference, *settings]):
+            if settings.get(key) != reference.get(key):
+                raise InputError(f"--runs: {first['name']} and {run['name']} do not belong together: {key} differs "
+                                 f"({_show(reference.get(key))} vs {_show(settings.get(key))})")
+
+
+def _show(value) -> str:
+    return "not recorded" if value is None else json.dumps(value, sort_keys=True) if not isinstance(value, str) \
+        else value
+
+
+def sha256_of(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def repository_file(recorded: str, what: str) -> Path:
+    """The repository's copy of an input a run recorded: a relative path is relative to the
+    repository root; an absolute one (the machine that made the run, e.g.
+    /root/bbb/code-d806bef/data/professions.txt) is matched by its longest tail that exists
+    here (data/professions.txt). The recorded absolute path itself is never opened."""
+    parts = Path(recorded).parts
+    if not Path(recorded).is_absolute():
+        candidates = [REPO / recorded]
+    else:
+        candidates = [REPO.joinpath(*parts[i:]) for i in range(1, len(parts))]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise InputError(f"{what}: {recorded} has no counterpart in the repository {display_path(REPO, None)!r}; "
+                         f"the combine reads its inputs from the repository")
+    return found
+
+
+def words_file_of(run: dict) -> str:
+    """The run's unseen word list as a repository path, checked against what the audit used: the
+    sha256 it recorded, or (older audits record none) every audited and every missing word must
+    be in the list. Returns "" when the audit named no list (--words)."""
+    config, summary = run["summary"]["config"], run["summary"]
+    recorded = config.get("words_file") or ""
+    if not recorded:
+        return ""
+    where = f"{display_path(run['dir'], None)}/audit/audit.json"
+    path = repository_file(str(recorded), f"{where}: words_file")
+    relative = path.relative_to(REPO).as_posix()
+    expected = config.get("words_file_sha256")
+    if expected:
+        actual = sha256_of(path)
+        require(actual == expected, f"{relative}: sha256 {actual} differs from the {expected} the audit of "
+                                    f"{run['name']} recorded; the run was audited with another word list")
+        return relative
+    listed = {w.lower() for w in load_word_list(path)}
+    respelled = {str(v).lower(): str(k).lower() for k, v in (summary.get("respelled") or {}).items()}
+    audited = [r["word"] for r in run["shares"] if not r["seen"]]
+    used = [*audited, *(summary.get("unseen") or []), *(summary.get("missing") or [])]
+    absent = sorted({w for w in used if w.lower() not in listed and respelled.get(w.lower()) not in listed})
+    require(not absent, f"{relative}: lacks {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}, which the "
+                        f"audit of {run['name']} used; the run was audited with another word list")
+    return relative
+
+
+def display_path(path: Path, out: Path | None) -> str:
+    """``path`` relative to the repository root, else (outside it) relative to --out: never the
+    machine's absolute path in what the combine writes."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(REPO).as_posix() or "."
+    except ValueError:
+        base = Path(os.path.abspath(out)) if out is not None else Path.cwd()
+        return Path(os.path.relpath(path, base)).as_posix()
+
+
+def refuse_foreign_out(out: Path, runs: list[dict]) -> None:
+    """--out must not be inside (or be) a run folder, nor a non-empty folder that another tool or
+    person owns: it must be new, empty, marked by OWNER_FILE, or hold combine's own outputs."""
+    target = Path(os.path.abspath(out)).resolve()
+    for run in runs:
+        if target == run["resolved"] or run["resolved"] in target.parents:
+            raise InputError(f"--out: {out} is inside the run folder {run['entry']}; the combine never writes "
+                             f"into a run, choose a folder outside it")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    marker = target / OWNER_FILE
+    if marker.is_file():
+        owner = load_json(marker)
+        require(isinstance(owner, dict) and owner.get("tool") == OWNER["tool"],
+                f"--out: {out} belongs to {owner.get('tool') if isinstance(owner, dict) else 'another tool'!r} "
+                f"({OWNER_FILE}); choose an empty or new folder")
+        return
+    own = all((target / name).is_file() for name in OWN_OUTPUTS) and \
+        read_text_file(target / "report.md", "a combined report").startswith(OWN_TITLE)
+    require(own, f"--out: {out} is a non-empty folder that is not an earlier combine output (no {OWNER_FILE}, "
+                 f"no {' + '.join(OWN_OUTPUTS)}); choose an empty or new folder")
 
 
 def fmt(value: float, spec: str = ".2f") -> str:
@@ -269,23 +456,46 @@ def held_out(included: list[dict]) -> list[dict]:
     return rows
 
 
-def jl_shifts(runs: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
-    """Projection-only gap shifts over all usable professions (no training involved)."""
-    from diffusion_from_scratch.word_vectors import load_word_vectors, projection_gap_shifts, vocabulary_form
+def jl_shift_rows(words: Sequence[str], source: str, seeds: Sequence[int], dims: Sequence[int]) -> list[dict]:
+    """One row per embedding (w2v, hard-debiased), JL seed, size and word: the gap before and after
+    the run's projection (jl_matrix) and the shift (experiment_stats.jl_gap_shifts). The vectors
+    before the projection are the float32 ones training projects; the rest is float64 with fixed-
+    order sums, so the table is the same whatever OMP_NUM_THREADS or MKL_NUM_THREADS say."""
+    from diffusion_from_scratch.word_vectors import (FEMALE_WORD, MALE_WORD, debiased_vectors, jl_matrix,
+                                                     load_word_vectors)
 
+    wv = load_word_vectors(source)
+    table = list(words) + [FEMALE_WORD, MALE_WORD]
+    rows = []
+    for mode in ("none", "hard"):
+        before = debiased_vectors(wv, table) if mode == "hard" else wv.units(table)
+        for dim in dims:
+            for seed in seeds:
+                shifts = E.jl_gap_shifts(before[:-2], before[-2], before[-1], jl_matrix(wv.dim, dim, seed))
+                rows += [{"word": w, "jl_seed": int(seed), "jl_dim": int(dim), "gap_before": float(b),
+                          "gap_after": float(a), "shift": float(s), "embedding": ARM_NAMES[mode]}
+                         for w, b, a, s in zip(words, shifts["gap_before"], shifts["gap_after"], shifts["shift"])]
+    return rows
+
+
+def jl_shifts(runs: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """Projection-only gap shifts over all usable professions (no training involved), from the
+    runs' word list as this repository holds it (checked against each run in words_file_of)."""
+    from diffusion_from_scratch.word_vectors import load_word_vectors, vocabulary_form
+
+    words_file = runs[0]["words_file"]
+    if not words_file:  # the audits named no word list (--words): nothing to measure
+        return [], []
     source = runs[0]["summary"]["embedding"]
     wv = load_word_vectors(source)
-    words_file = runs[0]["summary"]["config"].get("words_file")
-    listed = load_word_list(Path(words_file)) if words_file else []
     seen = set(runs[0]["summary"]["seen"])
-    words = [w for w in dict.fromkeys(vocabulary_form(w, wv) for w in listed) if w and w not in seen]
+    words = [w for w in dict.fromkeys(vocabulary_form(w, wv) for w in load_word_list(REPO / words_file))
+             if w and w not in seen]
     dims = parse_number_list(cfg["jl_dims"], "jl_dims", int)
     seeds = parse_number_list(cfg["jl_shift_seeds"], "jl_shift_seeds", int)
-    rows = []
-    if not words:  # the audits named no word list (--words): nothing to measure
+    if not words:
         return [], []
-    for mode in ("none", "hard"):
-        rows += [r | {"embedding": ARM_NAMES[mode]} for r in projection_gap_shifts(words, wv, seeds, dims, mode)]
+    rows = jl_shift_rows(words, source, seeds, dims)
     summary = []
     for (embedding, dim, seed) in dict.fromkeys((r["embedding"], r["jl_dim"], r["jl_seed"]) for r in rows):
         shifts = np.array([r["shift"] for r in rows if (r["embedding"], r["jl_dim"], r["jl_seed"]) == (embedding, dim,
@@ -548,8 +758,19 @@ def main(argv: list[str] | None = None) -> dict:
     require(len(set(entries)) == len(entries), f"--runs: a run is listed twice in {cfg['runs']!r}")
     require_writable(Path(cfg["out"]), "out")
     runs = [load_run(e) for e in entries]
+    refuse_duplicates(runs)
+    for run in runs:
+        run["words_file"] = words_file_of(run)
+    refuse_mixed_runs(runs)
+    refuse_foreign_out(Path(cfg["out"]), runs)
     included = [run for run in runs if not run["failed"] or cfg["include_failed"]]
+    pooled_arms = list(dict.fromkeys(r["arm"] for r in included))
+    # a one-arm combine (experiment.py --arms debiased) has nothing to contrast: only the default may be absent there
+    require(cfg["reference_arm"] in pooled_arms or (cfg["reference_arm"] == REFERENCE_ARM and len(pooled_arms) < 2),
+            f"--reference_arm: {cfg['reference_arm']!r} is not an arm of the pooled runs (arms: "
+            f"{', '.join(pooled_arms)})")
     out = writable_folder(Path(cfg["out"]), "out")
+    atomic_write_text(out / OWNER_FILE, json.dumps(OWNER) + "\n")
     seen_runs, seen_arms = seen_tables(runs, included, cfg)
     fit_rows, arm_fits = regressions(runs, included, cfg)
     contrast_rows = contrasts(arm_fits, cfg["reference_arm"])
@@ -575,8 +796,8 @@ def main(argv: list[str] | None = None) -> dict:
         plots["dose"] = "dose_response.png"
     homogeneity = [r["homogeneity_p"] for r in seen_runs if r["n_seeds"] > 1 and not math.isnan(r["homogeneity_p"])]
     run_rows = [{"run": r["name"], "arm": r["arm"], "jl_seed": r["jl_seed"], "step": r["summary"]["run_step"],
-                 "k": r["summary"]["k"], "included": r in included, "controls_failed": "; ".join(r["failed"])}
-                for r in runs]
+                 "k": r["summary"]["k"], "included": r in included, "controls_failed": "; ".join(r["failed"]),
+                 "path": display_path(r["dir"], out)} for r in runs]
     atomic_write_text(out / "runs.csv", compact_csv_text(run_rows, list(run_rows[0])))
     for name, rows in (("seen.csv", seen_runs), ("seen_arms.csv", seen_arms), ("regressions.csv", fit_rows),
                        ("contrasts.csv", contrast_rows), ("held_out.csv", held_rows), ("unseen.csv", unseen_rows),
@@ -591,7 +812,8 @@ def main(argv: list[str] | None = None) -> dict:
                guidances=guidances, methods=methods, plots=plots,
                min_homogeneity_p=min(homogeneity) if homogeneity else math.nan, n_homogeneity=len(homogeneity))
     write_report(out, ctx)
-    print(f"[combine] {len(runs)} runs ({len(included)} pass their controls); wrote {out / 'report.md'}")
+    print(f"[combine] {len(runs)} runs ({len(included)} pass their controls); wrote "
+          f"{display_path(out / 'report.md', Path.cwd())}")
     return {"runs": runs, "included": included, "seen_arms": seen_arms, "fits": fit_rows, "contrasts": contrast_rows,
             "held_out": held_rows, "shift_summary": shift_summary, "out": str(out)}
 

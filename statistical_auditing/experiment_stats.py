@@ -347,3 +347,48 @@ def lipschitz_ratios(eps_1: np.ndarray, eps_2: np.ndarray, y_1: np.ndarray, y_2:
     if np.any(distance <= same_conditioning_distance(y_1, y_2)):
         raise ValueError("conditionings equal up to float rounding have no Lipschitz ratio (distinct_rows drops them)")
     return np.linalg.norm((eps_1 - eps_2).reshape(len(eps_1), -1), axis=-1) / distance
+
+
+# ----------------------------------------------------------------------------- projection-only gap shifts
+
+
+def fixed_order_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` in float64, each entry sum_k a[i, k] b[k, j] added by numpy's own pairwise
+    reduction along a contiguous axis: one order of additions whatever the thread count.
+    A threaded BLAS splits the sum into blocks that depend on its threads (OMP_NUM_THREADS,
+    MKL_NUM_THREADS), and float rounding then changes the last digits."""
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b_t = np.ascontiguousarray(np.asarray(b, dtype=np.float64).T)
+    return np.stack([(b_t * row).sum(axis=1) for row in a]).reshape(a.shape[0], b_t.shape[0])
+
+
+def _fixed_order_units(vectors: np.ndarray) -> np.ndarray:
+    norms = np.sqrt((vectors * vectors).sum(axis=1, keepdims=True))
+    if np.any(norms == 0):
+        raise ValueError("cannot unit-normalise a zero vector")
+    return vectors / norms
+
+
+def jl_gap_shifts(vectors: np.ndarray, female: np.ndarray, male: np.ndarray, matrix: np.ndarray) -> dict:
+    """How far a random projection alone moves each word's cosine gap (no training involved).
+
+    For rows u_i of ``vectors`` (n, D), reference vectors f ("woman") and m ("man") and the
+    projection P = ``matrix`` (D, d):
+        gap_before_i = cos(u_i, f) - cos(u_i, m),
+        gap_after_i  = cos(u_i P, f P) - cos(u_i P, m P),   shift_i = gap_after_i - gap_before_i,
+    cos(a, b) = a.b / (||a|| ||b||). A Johnson-Lindenstrauss projection keeps inner products of
+    unit vectors only up to errors of order 1/sqrt(d) (Johnson & Lindenstrauss 1984; Dasgupta &
+    Gupta 2003), so shifts of that size are expected. Computed in float64 with fixed-order sums
+    (``fixed_order_matmul``) so the digits do not depend on the maths library's thread count.
+    Returns arrays gap_before, gap_after, shift of length n.
+    """
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    refs = np.stack([np.asarray(female, dtype=np.float64), np.asarray(male, dtype=np.float64)])
+
+    def gaps(rows: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        cosines = fixed_order_matmul(_fixed_order_units(rows), _fixed_order_units(ref).T)
+        return cosines[:, 0] - cosines[:, 1]
+
+    before = gaps(vectors, refs)
+    after = gaps(fixed_order_matmul(vectors, matrix), fixed_order_matmul(refs, matrix))
+    return {"gap_before": before, "gap_after": after, "shift": after - before}
