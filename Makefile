@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: install demo test test-all experiment bench clean-demo
+.PHONY: install demo test test-unit test-all experiment bench clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ experiment: install
 
 test: install
 	$(PY) -m pytest
+
+# The unit lane alone: no subprocess, no training, under a minute (tests/conftest.py says what is where).
+test-unit: install
+	$(PY) -m pytest -m "not smoke and not integration and not heavy"
 
 test-all: install
 	$(PY) -m pytest -m ""

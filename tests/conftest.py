@@ -1,15 +1,40 @@
-"""Shared fixtures: a small procedural dataset made once per test session."""
+"""Shared fixtures (a small procedural dataset, a smoke run and its audit, each made once per
+test session) and the test lanes.
+
+Lanes (issue 26): every test is in exactly one of them.
+  unit         no subprocess, no training: the default for a test with no lane marker;
+               `make test-unit` (-m "not smoke and not integration and not heavy") runs them alone
+  integration  trains a model, starts a process, or uses a fixture that does
+  smoke        runs a script end to end with tiny arguments
+  heavy        long or resource-hungry; skipped by default (`make test-all` runs it)
+`make test` runs every lane but heavy.
+
+A test is marked integration here, at collection, when it has no lane marker and either
+  - requests (directly or through another fixture) one of SLOW_FIXTURES, or
+  - names `subprocess` or `run_script` in its own code (nested functions included),
+so that tests written without the lanes in mind land in the right one; a test may also carry
+@pytest.mark.integration itself. As a safety net, a unit test that starts the Python interpreter
+anyway (through a helper the rule above cannot see) fails with the reason.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models and other test helpers
+
+LANES = ("integration", "smoke", "heavy")  # a test with none of these markers is a unit test
+# Fixtures that train, render a dataset to train on, or run a script: a test using one is integration.
+SLOW_FIXTURES = {"small_dataset", "smoke_run", "audited_smoke_run"}
+SPAWNING_NAMES = {"subprocess", "run_script"}
+SMOKE_AUDIT = ["--preset", "smoke", "--num_threads", "1"]  # the audit of audited_smoke_run
 
 
 def run_script(script: str, *args: str, timeout: float = 600, check: bool = True,
@@ -21,6 +46,52 @@ def run_script(script: str, *args: str, timeout: float = 600, check: bool = True
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+# ----------------------------------------------------------------------------- lanes
+
+
+def names_a_spawner(function) -> bool:
+    """Whether a test's own code, or a function nested in it, names subprocess or run_script."""
+    codes = [function.__code__]
+    while codes:
+        code = codes.pop()
+        if SPAWNING_NAMES & set(code.co_names):
+            return True
+        codes += [const for const in code.co_consts if isinstance(const, types.CodeType)]
+    return False
+
+
+def is_unit(item: pytest.Item) -> bool:
+    return not any(item.get_closest_marker(lane) for lane in LANES)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects, so that the marks added here count
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_unit(item) and (SLOW_FIXTURES & set(item.fixturenames)
+                              or isinstance(item, pytest.Function) and names_a_spawner(item.function)):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_interpreter(request, monkeypatch):
+    """Fail a unit test that starts the Python interpreter (a script: seconds of imports each)."""
+    if not is_unit(request.node):
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def refuse_python(self, args, *rest, **kwargs):
+        program = args if isinstance(args, (str, bytes, os.PathLike)) else args[0]
+        if Path(os.fsdecode(program)).name.startswith("python") or os.fsdecode(program) == sys.executable:
+            pytest.fail(f"{request.node.nodeid} is a unit test but starts {program}: mark it "
+                        "@pytest.mark.integration", pytrace=False)
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse_python)
+
+
+# ----------------------------------------------------------------------------- shared fixtures
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +113,16 @@ def smoke_run(tmp_path_factory, small_dataset) -> Path:
     ddpm_conditional.main(["--preset", "smoke", "--dataset_path", str(small_dataset), "--run_dir", str(run_dir),
                            "--num_threads", "1"])
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def audited_smoke_run(tmp_path_factory, smoke_run) -> Path:
+    """A copy of smoke_run audited once per session, in a subprocess as a user would run it, with
+    `audit.py --preset smoke --num_threads 1` (SMOKE_AUDIT). The audit's stdout is kept beside the
+    run, in <parent>/audit_stdout.txt. Shared by every test that needs an audit: a test that
+    changes anything must work on its own copy (shutil.copytree)."""
+    run = tmp_path_factory.mktemp("audited") / "smoke"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("audit"))
+    result = run_script("statistical_auditing/audit.py", "--run", str(run), *SMOKE_AUDIT)
+    (run.parent / "audit_stdout.txt").write_text(result.stdout)
+    return run

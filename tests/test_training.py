@@ -6,7 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from diffusion_from_scratch.ddpm_conditional import (PRESETS, constants_of, epoc
                                                      prepare_run, shard_of, step_scheduler, training_target,
                                                      validation_loss, validation_words)
 from diffusion_from_scratch.pipeline import min_snr_weight, train_scheduler, training_timesteps
-from diffusion_from_scratch.utils import DATA_DIR, load_class_words, load_split, training_vocabulary
+from diffusion_from_scratch.utils import DATA_DIR, load_class_words, load_split, resolve_recorded_path, training_vocabulary
 
 SCRIPT = "diffusion_from_scratch/ddpm_conditional.py"
 
@@ -306,6 +306,24 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+# The training script, paused for good right after it first points checkpoints/latest at a
+# checkpoint. It says "paused" on stdout, and only then is it killed: the kill lands at the same
+# point whatever the machine's speed.
+PAUSED_TRAINING = """
+import os, runpy, signal, sys
+real_replace = os.replace
+def replace_then_pause(source, target, *args, **kwargs):
+    real_replace(source, target, *args, **kwargs)
+    if os.path.basename(target) == "latest":
+        print("paused", flush=True)
+        while True:
+            signal.pause()
+os.replace = replace_then_pause
+sys.argv = ["ddpm_conditional.py"] + sys.argv[1:]
+runpy.run_path("diffusion_from_scratch/ddpm_conditional.py", run_name="__main__")
+"""
+
+
 @pytest.mark.smoke
 def test_kill_9_then_bare_resume_gives_the_same_weights(tmp_path, small_dataset):
     """SIGKILL mid-run, then `--run_dir X --resume true` alone: the saved run's settings (24 steps
@@ -316,16 +334,18 @@ def test_kill_9_then_bare_resume_gives_the_same_weights(tmp_path, small_dataset)
     straight = tmp_path / "straight"
     run_script(SCRIPT, *common, "--run_dir", str(straight))
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(REPO / SCRIPT), *common, "--run_dir", str(killed)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = killed / "checkpoints" / "latest"
-    deadline = time.time() + 180
-    while time.time() < deadline and not pointer.exists():
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    stopped_at = int(pointer.read_text().strip().split("-")[1])
-    assert stopped_at < 24, "the run finished before it could be killed"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", PAUSED_TRAINING, *common, "--run_dir", str(killed)],
+                                   cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=stderr)
+        backstop = threading.Timer(600, process.kill)  # a hung run ends the wait below, not the suite
+        backstop.start()
+        paused = any(line.strip() == "paused" for line in process.stdout)  # stops reading at "paused"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        backstop.cancel()
+    assert paused, "the run ended without pausing:\n" + (tmp_path / "stderr.txt").read_text()[-3000:]
+    stopped_at = int((killed / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert stopped_at == 3  # the first checkpoint
     result = run_script(SCRIPT, "--run_dir", str(killed), "--resume", "true")
     assert f"step {stopped_at} of 24" in result.stdout and "the saved run has" not in result.stdout
     assert_same_tensors(final_weights(straight), final_weights(killed))
@@ -555,7 +575,8 @@ def test_existing_run_is_not_overwritten_and_corrupt_checkpoints_are_refused(tmp
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    dataset = json.loads((run / "config.json").read_text())["dataset_path"]
+    # config.json records the dataset relative to the repository, else to the run folder
+    dataset = str(resolve_recorded_path(json.loads((run / "config.json").read_text())["dataset_path"], run))
     with pytest.raises(InputError, match="already holds a run"):
         run_main(tmp_path, dataset)
     latest = run / "checkpoints" / (run / "checkpoints/latest").read_text().strip()
