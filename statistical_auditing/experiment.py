@@ -55,6 +55,7 @@ import shlex  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of,  # noqa: E402
                                         parse_number_list, require, run_main)
@@ -77,12 +78,15 @@ DOSE_ARGS = ""  # extra flags for every dose-response
 LIPSCHITZ_ARGS = ""  # extra flags for every Lipschitz measurement
 COMBINE_ARGS = ""  # extra flags for combine_audits.py
 IMAGE_SIZE = 32  # [1, inf) the dataset size folder the runs train on
+AUDIT_NOISE = "common"  # common (every run's audit draws from the audit's --seed) | per_run (a seed derived from the run's name: runs draw independent noise)
 KEEP = ""  # folder that receives a copy of each finished run, to commit or archive (empty = none)
 KEEP_WEIGHTS = "all"  # runs whose EMA weights --keep copies: all | none | comma-separated run names
 EXECUTOR = "local"  # Snakemake executor: local | slurm (or any installed executor plugin)
-SNAKEMAKE_ARGS = ""  # extra flags for Snakemake, e.g. "--dry-run" or "--profile workflow/profiles/slurm"
+DRY_RUN = False  # only show which jobs would run and why (Snakemake's --dry-run); runs nothing
+SNAKEMAKE_ARGS = ""  # extra flags for Snakemake, e.g. --snakemake_args="--profile workflow/profiles/slurm"
 PYTHON = sys.executable  # the interpreter that runs every job
 
+CHOICES = {"audit_noise": ("common", "per_run")}
 PRESETS = {
     # a minute: the whole chain on a tiny dataset with the smoke presets of every script
     "smoke": dict(data_args="--per_class 10 --sizes 32 --test_fraction 0.2", jl_seeds="0",
@@ -90,7 +94,6 @@ PRESETS = {
                   lipschitz_args="--preset smoke", combine_args="--n_boot 50 --include_failed true"),
 }
 ARM_DEBIAS = {"w2v": "none", "debiased": "hard", "projected": "projected"}
-DEFAULT_TRAIN_SEED = 789  # ddpm_conditional.SEED: its runs keep the short folder name <arm>-jl<seed>
 SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
 # What each stage's flags may not set: the run's identity and files belong to the design
 STAGES = {  # flag holding the pass-through args -> (script, fixed flags, flags the design owns)
@@ -121,8 +124,16 @@ def names(text: str, flag: str, allowed: tuple[str, ...] | dict | None = None) -
     return items
 
 
-def run_name(arm: str, jl_seed: int, train_seed: int) -> str:
-    return f"{arm}-jl{jl_seed}" + ("" if train_seed == DEFAULT_TRAIN_SEED else f"-s{train_seed}")
+def run_name(arm: str, jl_seed: int, train_seed: int, default_train_seed: int = 789) -> str:
+    """<arm>-jl<JL seed>, and -s<training seed> unless it is ddpm_conditional's default (the
+    original's 789), so that the committed runs keep their names."""
+    return f"{arm}-jl{jl_seed}" + ("" if train_seed == default_train_seed else f"-s{train_seed}")
+
+
+def audit_seed(name: str) -> int:
+    """The audit's sampling seed of a run under --audit_noise per_run: a CRC-32 of the run's name,
+    the same on every machine and in every sitting, and different between runs."""
+    return zlib.crc32(name.encode())
 
 
 def design(cfg: dict) -> list[dict]:
@@ -135,8 +146,11 @@ def design(cfg: dict) -> list[dict]:
     train_seeds = parse_number_list(cfg["train_seeds"], "train_seeds", int)
     for flag, seeds in (("jl_seeds", jl_seeds), ("train_seeds", train_seeds)):
         require(len(set(seeds)) == len(seeds), f"--{flag}: expected distinct integers, got {cfg[flag]!r}")
-    return [{"name": run_name(arm, jl, seed), "arm": arm, "debias": ARM_DEBIAS[arm], "jl_seed": jl,
+    runs = [{"name": run_name(arm, jl, seed), "arm": arm, "debias": ARM_DEBIAS[arm], "jl_seed": jl,
              "train_seed": seed} for seed in train_seeds for jl in jl_seeds for arm in arms]
+    for run in runs:  # [] = the audit's own --seed (or the one in --audit_args)
+        run["audit_seed"] = [audit_seed(run["name"])] if cfg["audit_noise"] == "per_run" else []
+    return runs
 
 
 def stage_args(cfg: dict) -> dict[str, list[str]]:
@@ -146,6 +160,8 @@ def stage_args(cfg: dict) -> dict[str, list[str]]:
     parsed = {}
     for key, (script, fixed, owned) in STAGES.items():
         args = split_args(cfg[key], key)
+        if key == "audit_args" and cfg["audit_noise"] == "per_run":
+            owned = owned + ("seed",)
         for arg in args:
             flag = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
             require(flag not in owned, f"--{key}: --{flag} is set by the experiment's design, not by a stage's flags "
@@ -170,6 +186,19 @@ def check_places(out: Path, data: Path, keep: Path | None) -> None:
             if flag != other and (path == other_path or other_path in path.parents):
                 raise InputError(f"--{flag}: {path} is {'the same folder as' if path == other_path else 'inside'} "
                                  f"--{other} {other_path}; give each its own folder")
+
+
+def check_records(out: Path) -> None:
+    """The records this script and its jobs keep in --out must be readable before anything runs
+    (a damaged one stops here, named, and is left as it is for its owner to move away)."""
+    expected = [(out / "experiment.json", "sittings")] + [(path, "starts") for path in
+                                                         sorted((out / "records").glob("*.json"))]
+    for path, key in expected:
+        if path.is_file():
+            record = load_json(path)
+            if not isinstance(record, dict) or not isinstance(record.get(key, []), list):
+                raise InputError(f"{path}: expected the JSON object the experiment writes (with a list {key!r}); "
+                                 f"move it away to start its record afresh")
 
 
 def keep_weights(cfg: dict, runs: list[dict]) -> list[str]:
@@ -215,7 +244,7 @@ def snakemake_command(cfg: dict, out: Path, config_path: Path, workers: int) -> 
         command += ["--cores", str(workers * cfg["threads"])]
     else:
         command += ["--executor", cfg["executor"], "--jobs", str(workers)]
-    return command + split_args(cfg["snakemake_args"], "snakemake_args")
+    return command + (["--dry-run"] if cfg["dry_run"] else []) + split_args(cfg["snakemake_args"], "snakemake_args")
 
 
 def run_snakemake(command: list[str], env: dict) -> int:
@@ -250,7 +279,8 @@ def jobs_seconds(out: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_constants(constants_of(globals()), PRESETS, argv, description=__doc__.splitlines()[0])
+    cfg = config_from_constants(constants_of(globals()), PRESETS, argv, description=__doc__.splitlines()[0],
+                                choices=CHOICES)
     require(cfg["image_size"] > 0, f"--image_size: must be positive, got {cfg['image_size']}")
     require(Path(cfg["python"]).is_file() and os.access(cfg["python"], os.X_OK),
             f"--python: {cfg['python']} is not an executable file (the interpreter that runs every job)")
@@ -267,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     workflow_config = {"python": cfg["python"], "data": str(data), "image_size": cfg["image_size"], "runs": runs,
                        "dose_arms": names(cfg["dose_arms"], "dose_arms", ARM_DEBIAS), "threads": cfg["threads"],
                        "keep": str(keep) if keep else "", "keep_weights": keep_weights(cfg, runs)} | args
+    check_records(out)
     writable_folder(out, "out")  # the first thing made: every check above has passed
     lock = FolderLock(out)  # noqa: F841 (held until this process ends)
     config_path = out / ".workflow" / "config.json"

@@ -231,7 +231,7 @@ def test_kill_9_of_the_experiment_leaves_no_orphan_and_the_next_start_resumes(tm
     (start,) = starts(out, "train/w2v-jl0")
     assert start["status"] != "running"
     # the next start is not blocked by the dead one's lock and would resume the training
-    again = experiment(*command[2:], "--snakemake_args", "--dry-run")
+    again = experiment(*command[2:], "--dry_run", "true")
     assert "rule train" in again.stdout and "Traceback" not in again.stderr
 
 
@@ -280,7 +280,7 @@ def test_runs_are_named_by_their_identity_and_the_design_is_crossed():
 def test_a_relative_out_is_where_the_user_stands(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = experiment("--out", "rel-exp", "--data", "rel-data", *SMOKE, "--snakemake_args", "--dry-run",
+    result = experiment("--out", "rel-exp", "--data", "rel-data", *SMOKE, "--dry_run", "true",
                         cwd=elsewhere)
     assert f"runs in {elsewhere / 'rel-exp'}" in result.stdout
     config = json.loads((elsewhere / "rel-exp" / ".workflow" / "config.json").read_text())
