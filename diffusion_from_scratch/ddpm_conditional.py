@@ -42,16 +42,17 @@ from safetensors.torch import save as safetensors_bytes
 from diffusion_from_scratch.cli import (InputError, check_ranges, config_from_constants, constants_of,
                                     parse_number_list, require, run_main)
 from diffusion_from_scratch.modules import EMA, ConditionalUNet, UNetConfig
-from diffusion_from_scratch.word_vectors import DEBIAS_MODES
+from diffusion_from_scratch.word_vectors import DEBIAS_MODES, SOURCES
 from diffusion_from_scratch.pipeline import (DDPM_VARIANCES, SAMPLERS, grad_scaler_state, latest_checkpoint,
                                              load_checkpoint, min_snr_weight, optimizer_state, prefixed,
                                              read_run_config, remove_orphaned_checkpoints, restore_grad_scaler,
                                              sample, sampling_scheduler, save_checkpoint, sha256_hex, train_scheduler,
                                              training_timesteps)
 from diffusion_from_scratch.utils import (DATA_DIR, IMAGE_SUFFIXES, atomic_write_bytes, atomic_write_json,
-                                          atomic_write_text, csv_text, derived_seed, load_class_words, load_json,
-                                          load_split, progress_bar, remove_orphaned_temporaries, require_memory,
-                                          require_writable, resolve_device, save_image_grid, training_vocabulary)
+                                          atomic_write_text, csv_text, derived_seed, file_sha256, load_class_words,
+                                          load_json, load_split, progress_bar, record_path, remove_orphaned_temporaries,
+                                          require_memory, require_writable, resolve_device, resolve_recorded_path,
+                                          save_image_grid, training_vocabulary)
 
 # ----------------------------------------------------------------------------- config
 PRESET = "tiny"  # tiny (CPU, minutes) | paper (the original's GPU settings) | smoke (seconds, tests)
@@ -137,6 +138,25 @@ PERSISTED_OVERRIDES = ("epochs", "max_steps", "sample_every", "checkpoint_every"
 LEGACY_DEFAULTS = {"min_timestep": 0, "ddpm_variance": "posterior", "timestep_shift": 1.0,
                    "bottleneck_cond": False}
 VALIDATION_CHUNK = 256  # [1, inf) held-out images per validation forward pass
+# Settings that are paths: config.json records them relative to the repository (else to the run
+# folder), so that a record means the same on every machine; a named embedding source is no path.
+PATH_SETTINGS = ("dataset_path", "class_words", "run_dir", "embedding")
+
+
+def is_path_setting(key: str, value) -> bool:
+    return key in PATH_SETTINGS and isinstance(value, str) and not (key == "embedding" and value in SOURCES)
+
+
+def recorded_settings(cfg: dict, run_dir: Path) -> dict:
+    """``cfg`` as config.json records it: path settings through ``utils.record_path``."""
+    return {key: record_path(value, run_dir) if is_path_setting(key, value) else value for key, value in cfg.items()}
+
+
+def resolved_settings(cfg: dict, run_dir: Path) -> dict:
+    """Path settings read from a config.json (relative, or absolute from another machine) as
+    paths on this machine (``utils.resolve_recorded_path``)."""
+    return {key: str(resolve_recorded_path(value, run_dir)) if is_path_setting(key, value) and key != "run_dir"
+            else value for key, value in cfg.items()}
 
 
 def unet_config(cfg: dict) -> UNetConfig:
@@ -387,8 +407,17 @@ def prepare_run(cfg: dict, explicit: set[str], preset_given: bool = False) -> tu
             raise InputError(f"--run_dir: {run_dir} already holds a run (checkpoint {checkpoint.name}); pass "
                              f"--resume true to continue it or choose another folder")
         allowed = set(RESUMABLE_OVERRIDES)
-    saved = saved_settings(config_path, cfg)
-    clashes = sorted(k for k in explicit if k not in allowed and saved[k] != cfg[k])
+    saved = resolved_settings(saved_settings(config_path, cfg), run_dir)
+    for key in explicit:  # a recorded path not found here (a copied or moved run) is what the flag now says
+        if is_path_setting(key, saved[key]) and key != "run_dir" and not Path(saved[key]).exists():
+            saved[key] = cfg[key]
+
+    def differs(key: str) -> bool:
+        if is_path_setting(key, cfg[key]) and is_path_setting(key, saved[key]):
+            return Path(saved[key]).expanduser().resolve() != Path(cfg[key]).expanduser().resolve()
+        return saved[key] != cfg[key]
+
+    clashes = sorted(k for k in explicit if k not in allowed and differs(k))
     if preset_given and saved.get("preset") != cfg["preset"] and "preset" not in allowed:
         clashes.insert(0, "preset")
     require(not clashes, f"--resume: {', '.join('--' + k for k in clashes)} differ from the saved run in "
@@ -396,7 +425,7 @@ def prepare_run(cfg: dict, explicit: set[str], preset_given: bool = False) -> tu
     merged = dict(saved) | {"resume": cfg["resume"], "run_dir": cfg["run_dir"]}
     changes = {}
     for key in sorted(explicit & allowed - {"resume", "run_dir"}):
-        if saved[key] != cfg[key]:
+        if differs(key):
             say(f"--{key}: the saved run has {saved[key]!r}; using {cfg[key]!r}")
             changes[key] = (saved[key], cfg[key])
             merged[key] = cfg[key]
@@ -629,17 +658,21 @@ def main(argv: list[str] | None = None) -> Path:
             conditioning = safetensors_bytes({"jl_matrix": torch.from_numpy(np.ascontiguousarray(jl, dtype=np.float32)),
                                               "word_table": table.contiguous()})
             atomic_write_bytes(run_dir / "conditioning.safetensors", conditioning)
-            record = {"train": cfg, "unet": ucfg.to_dict(), "words": vocabulary, "classes": classes,
-                      "class_words": class_words, "embedding": cfg["embedding"], "debias": cfg["debias"],
+            train_record = recorded_settings(cfg, run_dir)
+            record = {"train": train_record, "unet": ucfg.to_dict(), "words": vocabulary, "classes": classes,
+                      "class_words": class_words, "class_words_file": train_record["class_words"],
+                      "class_words_sha256": file_sha256(Path(cfg["class_words"])),
+                      "embedding": train_record["embedding"], "debias": cfg["debias"],
                       "jl_seed": cfg["jl_seed"], "jl_dim": cfg["jl_dim"], "prediction": cfg["prediction"],
                       "beta_schedule": cfg["beta_schedule"], "num_train_timesteps": cfg["num_train_timesteps"],
                       "min_timestep": cfg["min_timestep"], "ddpm_variance": cfg["ddpm_variance"],
-                      "conditioning_sha256": sha256_hex(conditioning), "dataset_path": str(root),
+                      "conditioning_sha256": sha256_hex(conditioning), "dataset_path": train_record["dataset_path"],
                       "precision": precision, "processes": world}
             atomic_write_json(run_dir / "config.json", record)
         elif any(k in PERSISTED_OVERRIDES for k in changes):
             record = read_run_config(run_dir / "config.json")
-            persisted = {k: new for k, (_, new) in changes.items() if k in PERSISTED_OVERRIDES}
+            persisted = recorded_settings({k: new for k, (_, new) in changes.items() if k in PERSISTED_OVERRIDES},
+                                          run_dir)
             record["train"].update(persisted)
             record.setdefault("resumes", []).append({"step": start_step, "changed": persisted})
             atomic_write_json(run_dir / "config.json", record)

@@ -21,12 +21,13 @@ from diffusion_from_scratch.cli import config_from_constants, constants_of, pars
 from diffusion_from_scratch.pipeline import (AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS, TrainedRun, sample,
                                              sampling_scheduler)
 from diffusion_from_scratch.portraits import SCENES, attributes_from_prompt, measure_attributes
-from diffusion_from_scratch.utils import (atomic_write_text, csv_text, derived_seed, load_prompts, require_memory,
-                                          resolve_device, save_image_grid, writable_folder)
+from diffusion_from_scratch.utils import (atomic_write_text, check_output_folder, claim_output_folder, csv_text,
+                                          derived_seed, load_prompts, record_path, require_memory, resolve_device,
+                                          run_identity, save_image_grid, writable_folder)
 
 # ----------------------------------------------------------------------------- config
 RUN = "runs/tiny"  # training run folder
-CHECKPOINT = ""  # a checkpoints/step-N folder name of the run (empty = the latest)
+CHECKPOINT = ""  # a checkpoints/step-N folder of the run, by name (empty = the latest); another run's is refused
 N_PER_WORD = 512  # [1, inf) samples per word and guidance scale
 GUIDANCE = "1,3"  # list of numbers in (-inf, inf): comma-separated guidance scales (1 = the model's own conditional)
 SAMPLER = AUDIT_SAMPLER  # ddpm | ddim | dpm (default: the audit's, "dpm" = DPM-Solver++)
@@ -148,16 +149,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     guidances = parse_number_list(cfg["guidance"], "guidance")
     run = TrainedRun(cfg["run"], resolve_device(cfg["device"]), checkpoint=cfg["checkpoint"])
     sampling_scheduler(run.scheduler, cfg["sampler"], cfg["sample_steps"])  # steps outside the run's table stop here
-    out = Path(cfg["out"] or Path(cfg["run"]) / ("fidelity" + (f"-{cfg['checkpoint']}" if cfg["checkpoint"] else "")))
+    default = run.run_dir / ("fidelity" + (f"-{run.checkpoint.name}" if cfg["checkpoint"] else ""))
+    owner = dict(tool="fidelity", run_dir=run.run_dir, run_id=run_identity(run.run_dir, run.config), default=default)
+    out = Path(cfg["out"] or default)
+    check_output_folder(out, **owner)  # another tool's or another run's folder is refused before any work
     writable_folder(out, "out")
     pixels = 3 * run.model.config.image_size ** 2
     require_memory(len(run.words) * cfg["n_per_word"] * pixels + min(cfg["batch_size"], cfg["n_per_word"]) * pixels
                    * 4 * 4, f"--n_per_word {cfg['n_per_word']} / --batch_size {cfg['batch_size']}")
+    claim_output_folder(out, **owner)
     rows = evaluate(run, list(run.words), cfg["n_per_word"], guidances, cfg["sampler"], cfg["sample_steps"], cfg["seed"],
                     cfg["batch_size"], out)
     table = format_table(rows)
-    atomic_write_text(out / "fidelity.md", f"Run {cfg['run']} at step {run.step}, {cfg['sampler']} "
-                                           f"{cfg['sample_steps']} steps, seed {cfg['seed']}\n\n{table}\n")
+    atomic_write_text(out / "fidelity.md", f"Run {record_path(run.run_dir, run.run_dir.parent)} at step {run.step}, "
+                                           f"{cfg['sampler']} {cfg['sample_steps']} steps, seed {cfg['seed']}\n\n{table}\n")
     atomic_write_text(out / "fidelity.csv", csv_text(rows, list(rows[0])))
     print(table)
     print(f"wrote {out / 'fidelity.md'}")

@@ -10,6 +10,10 @@ Run folder (written by ddpm_conditional.py):
                                     state.safetensors)
     metrics.csv  loss.png  samples/epoch-XXX.png
 
+A kept run (``export_weights``): config.json, conditioning.safetensors and ema.safetensors (the
+EMA model's tensors only, fp16 by default, with step, source sha256 and dtype in its metadata);
+TrainedRun loads it as it loads a training run, so it can be re-audited without training.
+
 Checkpoints are written to a temporary folder and renamed, so a killed run never leaves a
 half-written checkpoint behind ``latest``; loading verifies the recorded sha256, so a
 corrupted file is an error naming it; nothing is loaded with pickle.
@@ -20,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from diffusion_from_scratch.cli import InputError
 from diffusion_from_scratch.modules import ConditionalUNet, UNetConfig
-from diffusion_from_scratch.utils import MAX_TEXT_FILE_BYTES, atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffusion_from_scratch.utils import (MAX_TEXT_FILE_BYTES, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                                          resolve_recorded_path)
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 # The sampler of the bias audit, which its fidelity control (fidelity.py) and the dose-response
@@ -45,6 +49,8 @@ AUDIT_SAMPLE_STEPS = 50  # [1, inf)
 # beta = beta = 1 - abar_t / abar_t' (the original's sqrt(beta_t) noise scale, "fixed_large").
 DDPM_VARIANCES = {"posterior": "fixed_small", "beta": "fixed_large"}
 CHECKPOINT_TMP_PREFIX = ".tmp-step-"  # checkpoints/.tmp-step-XXXXXXXX-<pid>: a checkpoint being written
+EXPORTED_WEIGHTS = "ema.safetensors"  # the EMA weights of a kept run (export_weights)
+EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -341,8 +347,82 @@ def load_conditioning(run_dir: Path, expected_sha256: str | None = None) -> dict
     return tensors
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes: the format is an 8-byte little-endian
+    header length, then that many bytes of JSON whose ``__metadata__`` maps strings to strings."""
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + length:
+        raise ValueError("the header is truncated")
+    header = json.loads(data[8:8 + length])
+    return dict(header.get("__metadata__") or {})
+
+
+def run_checkpoint(run_dir: Path, checkpoint: str) -> Path:
+    """The checkpoint ``--checkpoint`` names: a step-N folder of THIS run's checkpoints/ (by name,
+    or by a path that leads there); anything else (another run's checkpoint, a folder elsewhere)
+    raises InputError, so that results are never reported under the wrong run."""
+    root = Path(run_dir) / "checkpoints"
+    own = {folder.resolve(): folder for folder in _step_folders(root)}
+    given = Path(checkpoint).expanduser()
+    candidate = given if given.is_absolute() or given.parts[:1] in ((".",), ("..",)) or len(given.parts) > 1 \
+        else root / given
+    found = own.get(candidate.resolve()) if candidate.exists() else None
+    if found is None:
+        names = ", ".join(folder.name for folder in own.values()) or "none"
+        raise InputError(f"--checkpoint: {checkpoint} is not one of the checkpoints of the run {run_dir} "
+                         f"(its checkpoints/: {names})")
+    return found
+
+
+def export_weights(run_dir: str | Path, dest_dir: str | Path, dtype: torch.dtype = torch.float16,
+                   checkpoint: str = "") -> Path:
+    """Write a kept copy of a run to ``dest_dir``: ema.safetensors (the EMA model's tensors of the
+    latest checkpoint, or of ``checkpoint``, floating ones cast to ``dtype``; no raw model, no
+    optimizer; metadata: step, the source checkpoint's sha256, dtype), and copies of
+    conditioning.safetensors and config.json. Every file is written atomically. TrainedRun
+    loads the folder as a run (weights cast back to float32)."""
+    run_dir, dest_dir = Path(run_dir), Path(dest_dir)
+    if dtype not in EXPORT_DTYPES.values():
+        raise InputError(f"export_weights: dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype}")
+    source = run_checkpoint(run_dir, checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if source is None:
+        raise InputError(f"--run: {run_dir} has no checkpoint to export (checkpoints/latest missing)")
+    if dest_dir.resolve() == run_dir.resolve() or (dest_dir / "checkpoints").exists():
+        raise InputError(f"export: {dest_dir} is a training run folder; export into a folder of its own")
+    config = read_run_config(run_dir / "config.json")
+    conditioning = load_conditioning(run_dir, config.get("conditioning_sha256"))  # checked before it is copied
+    del conditioning
+    tensors, state = load_checkpoint(source)
+    ema = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in prefixed(tensors, "ema.").items()}
+    if not ema:
+        raise InputError(f"{source}: holds no EMA weights (ema.*)")
+    name = next(key for key, value in EXPORT_DTYPES.items() if value == dtype)
+    source_sha = state.get("sha256") or sha256_hex((source / "state.safetensors").read_bytes())
+    data = safetensors_bytes(ema, metadata={"step": str(int(state["step"])), "source_sha256": str(source_sha),
+                                            "source_checkpoint": source.name, "dtype": name})
+    atomic_write_bytes(dest_dir / EXPORTED_WEIGHTS, data)
+    atomic_write_bytes(dest_dir / "conditioning.safetensors", (run_dir / "conditioning.safetensors").read_bytes())
+    atomic_write_bytes(dest_dir / "config.json", (run_dir / "config.json").read_bytes())
+    return dest_dir
+
+
+def load_exported_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The EMA tensors of a kept run's ema.safetensors, cast to float32 for compute, and a state
+    dict (step, source sha256, dtype) from its metadata; a damaged file raises InputError."""
+    try:
+        data = Path(path).read_bytes()
+        meta = safetensors_metadata(data)
+        tensors = load_safetensors_bytes(data)
+        state = {"step": int(meta["step"]), "source_sha256": meta.get("source_sha256"), "dtype": meta.get("dtype")}
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise InputError(f"{path}: truncated or not exported weights ({type(error).__name__}: {error}); export "
+                         f"the run again") from None
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}, state
+
+
 class TrainedRun:
-    """A finished (or running) training run: EMA model, schedule, and word projection."""
+    """A finished (or running) training run, or a kept copy of one (``export_weights``): EMA
+    model, schedule, and word projection."""
 
     def __init__(self, run_dir: str | Path, device: torch.device | None = None, use_ema: bool = True,
                  checkpoint: str = ""):
@@ -350,17 +430,29 @@ class TrainedRun:
         config_path = self.run_dir / "config.json"
         if not config_path.is_file():
             raise InputError(f"--run: {self.run_dir} is not a training run folder (no config.json)")
-        if checkpoint:  # a specific step-N folder of this run
-            checkpoint = self.run_dir / "checkpoints" / checkpoint
-            if not checkpoint.is_dir():
-                raise InputError(f"--checkpoint: {checkpoint} does not exist")
+        exported = self.run_dir / EXPORTED_WEIGHTS
+        self.kept = not (self.run_dir / "checkpoints").exists() and exported.is_file()
+        if self.kept:
+            if checkpoint:
+                raise InputError(f"--checkpoint: {self.run_dir} is a kept run with only its final EMA weights "
+                                 f"({EXPORTED_WEIGHTS}), no checkpoints")
+            if not use_ema:
+                raise InputError(f"{self.run_dir} is a kept run: it holds only the EMA weights, not the raw model")
+            checkpoint = exported
+        elif checkpoint:  # one of this run's own step-N folders
+            checkpoint = run_checkpoint(self.run_dir, checkpoint)
         else:
             checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             raise InputError(f"--run: {self.run_dir} has no checkpoint yet (checkpoints/latest missing)")
+        self.checkpoint = checkpoint
         self.config = read_run_config(config_path)
         self.device = device or torch.device("cpu")
-        tensors, self.state = load_checkpoint(checkpoint)
+        if self.kept:
+            tensors, self.state = load_exported_weights(checkpoint)
+            tensors = {f"ema.{k}": v for k, v in tensors.items()}
+        else:
+            tensors, self.state = load_checkpoint(checkpoint)
         conditioning = load_conditioning(self.run_dir, self.config.get("conditioning_sha256"))
         self.jl_matrix = conditioning["jl_matrix"].numpy()
         self.saved_word_table = conditioning["word_table"].numpy()
@@ -378,7 +470,46 @@ class TrainedRun:
             detail = " ".join(str(error).split())[:300]
             raise InputError(f"{config_path}: does not describe the model of {checkpoint} ({type(error).__name__}: "
                              f"{detail}); the run folder is damaged") from None
+        self.check_config_against_conditioning()
         self.model.to(self.device).eval()
+
+    def check_config_against_conditioning(self) -> None:
+        """config.json must describe the saved conditioning: jl_dim its width, words its rows,
+        jl_seed the seed that rebuilds its JL matrix, and the train block the same embedding,
+        debias, jl_seed and jl_dim as the top level. A hand-edited key raises InputError naming
+        config.json and the key (the saved tensors are what the model was trained with)."""
+        from diffusion_from_scratch.word_vectors import debias_mode, jl_matrix
+
+        path = self.run_dir / "config.json"
+        train = self.config.get("train") if isinstance(self.config.get("train"), dict) else {}
+        for key in ("embedding", "debias", "jl_seed", "jl_dim"):
+            if key not in self.config:
+                continue
+            top, inner = self.config[key], train.get(key, self.config[key])
+            if key == "debias":
+                try:
+                    top, inner = debias_mode(top), debias_mode(inner)
+                except InputError:
+                    raise InputError(f"{path}: key 'debias' = {self.config[key]!r} is not a debias mode") from None
+            if top != inner:
+                raise InputError(f"{path}: key '{key}' = {self.config[key]!r} differs from train.{key} = "
+                                 f"{train.get(key)!r}; the config was edited, restore it")
+        rows, width = self.saved_word_table.shape
+        if len(self.words) != rows:
+            raise InputError(f"{path}: key 'words' lists {len(self.words)} words, but conditioning.safetensors holds "
+                             f"{rows} rows")
+        if "jl_dim" in self.config and self.config["jl_dim"] != width or self.jl_matrix.shape[1] != width:
+            raise InputError(f"{path}: key 'jl_dim' = {self.config.get('jl_dim')!r}, but conditioning.safetensors "
+                             f"holds {width}-dimensional vectors")
+        if "jl_seed" in self.config:
+            seed = self.config["jl_seed"]
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+                raise InputError(f"{path}: key 'jl_seed' = {seed!r} is not a seed in [0, 2**32)")
+            rebuilt = jl_matrix(self.jl_matrix.shape[0], width, seed)
+            if not np.allclose(rebuilt, self.jl_matrix, atol=1e-6):
+                raise InputError(f"{path}: key 'jl_seed' = {seed} does not rebuild the JL matrix saved in "
+                                 f"conditioning.safetensors (the run was trained with another seed, or another "
+                                 f"scikit-learn draws differently); restore the run's config.json")
 
     def word_vectors(self, words: list[str]) -> torch.Tensor:
         """Conditioning vectors for any vocabulary word (seen in training or not), through the
@@ -391,27 +522,35 @@ class TrainedRun:
         return torch.from_numpy(np.asarray(table, dtype=np.float32))
 
     @property
+    def embedding_source(self) -> str:
+        """config.json's embedding as ``word_vectors.load_word_vectors`` takes it: a named source, or
+        a word2vec file recorded relative to the repository (older runs: absolute) found here."""
+        from diffusion_from_scratch.word_vectors import SOURCES
+
+        source = self.config["embedding"]
+        if isinstance(source, str) and source not in SOURCES:
+            return str(resolve_recorded_path(source, self.run_dir, self.config.get("embedding_sha256")))
+        return source
+
+    @property
     def embedding(self):
         from diffusion_from_scratch.word_vectors import load_word_vectors
 
-        return load_word_vectors(self.config["embedding"])
+        return load_word_vectors(self.embedding_source)
 
     def check_conditioning(self) -> None:
-        """Once per run: the saved training-word table must be what the embedding gives through the
-        saved matrix (else the embedding file changed and new words would not match training);
-        a saved matrix that its jl_seed no longer rebuilds (another scikit-learn, say) is only
-        noted, because the saved matrix is the one the model was trained with."""
+        """Once per run: the saved training-word table must be what config.json's embedding and
+        debias give through the saved JL matrix (else the config was edited, or the embedding
+        file changed, and new words would not match training): InputError naming config.json.
+        ``check_config_against_conditioning`` has already checked jl_seed and jl_dim."""
         if getattr(self, "_conditioning_checked", False):
             return
-        from diffusion_from_scratch.word_vectors import conditioning_table, jl_matrix
+        from diffusion_from_scratch.word_vectors import conditioning_table
 
         expected = conditioning_table(self.words, self.embedding, self.jl_matrix, self.config["debias"])
         if not np.allclose(expected, self.saved_word_table, atol=1e-5):
-            raise InputError(f"{self.run_dir / 'conditioning.safetensors'}: the training words' vectors from word "
-                             f"vectors {self.config['embedding']!r} through the saved JL matrix differ from the "
-                             f"saved ones; the embedding source is not the one this run was trained with")
-        rebuilt = jl_matrix(self.jl_matrix.shape[0], self.jl_matrix.shape[1], self.config["jl_seed"])
-        if not np.allclose(rebuilt, self.jl_matrix, atol=1e-6):
-            print(f"note: {self.run_dir}: jl_seed={self.config['jl_seed']} no longer rebuilds the saved JL matrix "
-                  f"(another scikit-learn?); using the saved matrix, as in training", file=sys.stderr)
+            raise InputError(f"{self.run_dir / 'config.json'}: keys 'embedding' = {self.config['embedding']!r} and "
+                             f"'debias' = {self.config['debias']!r} do not give the training words' vectors saved in "
+                             f"conditioning.safetensors (through its JL matrix); the config was edited or the "
+                             f"embedding source is not the one this run was trained with")
         self._conditioning_checked = True

@@ -415,3 +415,156 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
         kwargs.setdefault("mininterval", 30.0)
         kwargs.setdefault("maxinterval", max(30.0, kwargs["mininterval"]))  # tqdm's monitor redraws after this
     return tqdm(iterable, **kwargs)
+
+
+# ----------------------------------------------------------------------------- recorded paths
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (hex), so a record can say which content a path held."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_path(path: Path | str, base: Path | str | None = None) -> str:
+    """``path`` as records hold it: relative to the repository root when it lies inside it
+    ("data/professions.txt"), else relative to ``base`` (a run folder), never absolute unless
+    neither applies (no base given). Records then mean the same on every machine."""
+    resolved = Path(path).expanduser().resolve()
+    try:
+        return resolved.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        pass
+    if base is not None:
+        return Path(os.path.relpath(resolved, Path(base).expanduser().resolve())).as_posix()
+    return str(path)
+
+
+def resolve_recorded_path(text: str, base: Path | str | None = None, sha256: str | None = None) -> Path:
+    """Where a path recorded by ``record_path`` (or an older absolute one) is on this machine.
+
+    A relative path is looked up under the repository root, then under ``base`` (the run
+    folder). An absolute path that does not exist here (recorded on another machine) falls back
+    to the same place under this repository's data/ (the part after its last "data" component,
+    then the same-named file directly in data/), accepted when ``sha256`` matches its content
+    or no hash was recorded. When nothing fits, the path as given is returned, so that the caller
+    names it in its error.
+    """
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        for root in (REPO_ROOT, Path(base) if base is not None else None, Path.cwd()):
+            if root is not None and (root / path).exists():
+                return root / path
+        return REPO_ROOT / path
+    if path.exists():
+        return path
+    parts = path.parts
+    candidates = []
+    if "data" in parts:
+        last = len(parts) - 1 - parts[::-1].index("data")
+        candidates.append(REPO_ROOT.joinpath(*parts[last:]))
+    candidates.append(DATA_DIR / path.name)
+    for candidate in candidates:
+        if candidate.exists() and (sha256 is None or (candidate.is_file() and file_sha256(candidate) == sha256)):
+            return candidate
+    return path
+
+
+# ----------------------------------------------------------------------------- output folder ownership
+OWNER_FILE = ".owner.json"  # {"tool": ..., "run": ...} in every output folder of the auditing scripts
+# A file each tool writes into its folder, to recognise folders made before the marker existed.
+TOOL_SIGNATURES = {"audit": "audit.json", "lipschitz": "lipschitz.json", "dose_response": "dose_response.json",
+                   "fidelity": "fidelity.md"}
+
+
+def run_identity(run_dir: Path, config: dict) -> str:
+    """A run's id for ownership markers: its folder name and the start of the sha256 of its
+    conditioning (a JL seed and arm), which a copy or an exported folder of the run keeps."""
+    return f"{Path(run_dir).resolve().name}@{str(config.get('conditioning_sha256', ''))[:12]}"
+
+
+def is_run_folder(path: Path) -> bool:
+    """A training run (config.json + conditioning.safetensors) or a kept copy of one."""
+    return (path / "config.json").is_file() and (path / "conditioning.safetensors").is_file()
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The run folder ``path`` is or lies in (resolved), else None."""
+    resolved = Path(path).expanduser().resolve()
+    for candidate in (resolved, *resolved.parents):
+        if is_run_folder(candidate):
+            return candidate
+    return None
+
+
+def check_output_folder(out: Path, tool: str, run_dir: Path, run_id: str, default: Path, flag: str = "out") -> None:
+    """Refuse, before anything is written, an output folder that is not this tool's for this run.
+
+    Refused: a run folder itself; a folder inside another run's folder; a folder whose owner
+    marker (OWNER_FILE) names another tool, or another run when it lies outside this run; a
+    non-empty folder without a marker that holds another tool's output, or that lies inside this
+    run but is not this tool's default place (``default``, the folder reruns write to, which
+    is this tool's own even when made before the markers existed). Nothing is written here.
+    """
+    out_path = Path(out).expanduser()
+    resolved, own_run = out_path.resolve(), Path(run_dir).resolve()
+    inside = enclosing_run(out_path)
+    if inside == resolved:
+        raise InputError(f"--{flag}: {out_path} is a run folder; {tool} writes into a folder of its own")
+    if inside is not None and inside != own_run:
+        raise InputError(f"--{flag}: {out_path} lies inside the run folder {inside}, not this {tool}'s --run "
+                         f"{run_dir}; choose a folder of this run or outside any run")
+    if not resolved.is_dir() or not any(resolved.iterdir()):
+        return
+    marker_path = resolved / OWNER_FILE
+    if marker_path.is_file():
+        marker = load_json(marker_path)
+        if not isinstance(marker, dict):
+            raise InputError(f"{marker_path}: expected a JSON object with the keys tool and run")
+        if marker.get("tool") != tool or (inside is None and marker.get("run") != run_id):
+            raise InputError(f"--{flag}: {out_path} holds the output of {marker.get('tool')} for run "
+                             f"{marker.get('run')} (its {OWNER_FILE}), not of {tool} for {run_id}; choose "
+                             f"another folder")
+        return
+    if resolved == Path(default).expanduser().resolve():
+        return
+    foreign = [name for other, name in TOOL_SIGNATURES.items() if other != tool and (resolved / name).exists()]
+    if foreign:
+        raise InputError(f"--{flag}: {out_path} holds another tool's output ({', '.join(foreign)}); choose "
+                         f"another folder")
+    if inside is not None:
+        raise InputError(f"--{flag}: {out_path} is a non-empty folder of the run {run_dir} that {tool} did not "
+                         f"make (no {OWNER_FILE}); choose an empty or new folder")
+
+
+def claim_output_folder(out: Path, tool: str, run_dir: Path, run_id: str, default: Path,
+                        flag: str = "out") -> Path:
+    """``check_output_folder``, then create the folder (``writable_folder``) and mark it as
+    this tool's output for this run. Call it only after every input check, just before the
+    first write, so that refused input leaves no marker behind."""
+    check_output_folder(out, tool, run_dir, run_id, default, flag)
+    out = writable_folder(Path(out), flag)
+    marker = {"tool": tool, "run": run_id}
+    marker_path = out / OWNER_FILE
+    if not marker_path.is_file() or load_json(marker_path) != marker:
+        atomic_write_json(marker_path, marker)
+    return out
+
+
+def recorded_flags(cfg: dict, run_dir: Path, path_keys: Sequence[str] = ("run", "out", "words_file", "dataset_path")
+                   ) -> dict:
+    """A script's flags as its records (audit.json and the like) hold them: the path flags in
+    ``path_keys`` through ``record_path`` (the run itself relative to the repository, else by its
+    folder name; the others relative to the repository, else to the run folder), plus
+    ``words_file_sha256`` when a word list was read, so a later step can check its content."""
+    record = dict(cfg)
+    run_dir = Path(run_dir)
+    for key in path_keys:
+        if record.get(key):
+            record[key] = record_path(record[key], run_dir.parent if key == "run" else run_dir)
+    if cfg.get("words_file") and not cfg.get("words") and Path(cfg["words_file"]).is_file():
+        record["words_file_sha256"] = file_sha256(Path(cfg["words_file"]))
+    return record

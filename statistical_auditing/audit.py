@@ -44,7 +44,10 @@ with scene shares for the rule), seeds.csv (training words, one row per sampling
 controls.csv, fidelity.csv, instruments.csv, regression.csv, audit.json, PNGs; sampled images
 are cached in samples/ (uint8 .npy with a .json of the settings that made them), so a rerun
 with the same settings resumes instead of resampling. Every file of a previous audit that
-this one does not write again is removed first, so a folder never mixes two audits.
+this one does not write again is removed first, so a folder never mixes two audits. --out must be
+this audit's own folder: .owner.json marks it (tool, run), and a folder of another tool, of another
+run or inside another run's folder is refused before any work (utils.check_output_folder). Records
+(audit.json, report.md) name paths relative to the repository, else to the run folder.
 """
 from __future__ import annotations
 
@@ -63,10 +66,11 @@ from diffusion_from_scratch.cli import (InputError, config_from_constants, const
 from diffusion_from_scratch.fidelity import expected_shares, fidelity_row, format_table
 from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
 from diffusion_from_scratch.portraits import SCENES, measure_attributes
-from diffusion_from_scratch.utils import (DATA_DIR, REPO_ROOT, atomic_write_json, atomic_write_text,
-                                          compact_csv_text, derived_seed, load_class_words, load_json, load_prompts,
-                                          load_word_list, progress_bar, require_disk, require_memory, resolve_device,
-                                          save_image_grid, writable_folder)
+from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
+                                          claim_output_folder, compact_csv_text, derived_seed, load_class_words,
+                                          load_json, load_prompts, load_word_list, progress_bar, record_path,
+                                          recorded_flags, require_disk, require_memory, resolve_device,
+                                          resolve_recorded_path, run_identity, save_image_grid, writable_folder)
 from diffusion_from_scratch.word_vectors import embedding_bias, load_word_vectors, pick_unseen, vocabulary_form
 from statistical_auditing.diffusion_classifier import elbo_classify
 from statistical_auditing.experiment_stats import hierarchical_regression, pooled_share
@@ -177,12 +181,15 @@ def clear_previous_outputs(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- inputs
-def resolve_dataset(run_config: dict, override: str) -> Path:
-    """The run's ``<root>/<size>`` dataset folder (relative paths tried from here and the repository)."""
+def resolve_dataset(run_config: dict, override: str, run_dir: Path | None = None) -> Path:
+    """The run's ``<root>/<size>`` dataset folder: --dataset_path as given, else the run's
+    recorded dataset_path (relative to the repository, else to the run folder; an older run's
+    absolute path from another machine falls back to the same place under data/:
+    ``utils.resolve_recorded_path``)."""
     text = override or run_config.get("dataset_path", "")
     require(bool(text), "the run's config.json has no dataset_path; pass --dataset_path")
     path = Path(text).expanduser()
-    for candidate in (path, REPO_ROOT / path):
+    for candidate in ((path,) if override else ()) + (resolve_recorded_path(text, run_dir),):
         if candidate.is_dir():
             return candidate
     flag = "--dataset_path" if override else "the run's dataset_path"
@@ -243,7 +250,7 @@ def unseen_candidates(cfg: dict, seen: list[str], wv) -> dict:
         origin = "--words"
     else:
         listed = list(dict.fromkeys(load_word_list(Path(cfg["words_file"]))))
-        origin = cfg["words_file"]
+        origin = record_path(cfg["words_file"], Path(cfg["run"]))
     forms = {w: vocabulary_form(w, wv) for w in listed}
     missing = [w for w, form in forms.items() if form is None]
     if cfg["words"]:
@@ -258,10 +265,10 @@ def unseen_candidates(cfg: dict, seen: list[str], wv) -> dict:
 def embedding_metrics(word: str, run) -> dict:
     """The word's cosine gaps: in the original embedding (no debiasing, no projection), in the
     run's embedding before the JL projection, and after it (the run's saved matrix)."""
-    metrics = embedding_bias(word, source=run.config["embedding"], debias=run.config["debias"],
+    metrics = embedding_bias(word, source=run.embedding_source, debias=run.config["debias"],
                              jl_matrix=run.jl_matrix)
     metrics["lookup_rule"] = metrics.pop("rule")
-    metrics["cosine_gap_w2v"] = embedding_bias(word, source=run.config["embedding"])["cosine_gap"]
+    metrics["cosine_gap_w2v"] = embedding_bias(word, source=run.embedding_source)["cosine_gap"]
     return metrics
 
 
@@ -314,7 +321,7 @@ def accuracy_control(score_model, cfg: dict, dataset: Path, k_list: list[int], o
     run = score_model.run
     meta = {"run_step": run.step, "run_config_crc32": run_fingerprint(run), "k_list": k_list,
             "test_limit": cfg["test_limit"], "seed": cfg["seed"], "base": cfg["control_base"],
-            "dataset": str(dataset.resolve()), "candidates": list(CANDIDATES),
+            "dataset": record_path(dataset, run.run_dir), "candidates": list(CANDIDATES),
             "num_inference_steps": cfg["num_inference_steps"], "noise_key": "image id", "format": 2}
     cache = out / "controls.json"
     saved = None
@@ -360,7 +367,7 @@ def accuracy_control(score_model, cfg: dict, dataset: Path, k_list: list[int], o
     low, high = wilson_interval(calibrated_correct, int(report.sum()))
     chosen = next(r for r in rows if r["k"] == k)
     info = {"n_images": len(labels), "n_female": labels.count("female"), "n_male": labels.count("male"),
-            "test_folder": str(dataset / "test"), "k": k, "threshold": threshold,
+            "test_folder": record_path(dataset / "test", run.run_dir), "k": k, "threshold": threshold,
             "k_origin": "set by --k" if cfg["k"] else "best accuracy on the selection half",
             "accuracy": chosen["report_accuracy"], "ci_low": chosen["report_ci_low"],
             "ci_high": chosen["report_ci_high"], "auc": chosen["report_auc"],
@@ -429,7 +436,7 @@ def write_report(out: Path, ctx: dict) -> None:
     by_key = {(r["word"], r["guidance"], r["method"]): r for r in rows}
     info = ctx["control"]["info"]
     n_seen = cfg["n_seeds"] * cfg["n_per_seed"]
-    lines = [f"# Bias audit of `{run.run_dir}`", ""]
+    lines = [f"# Bias audit of `{ctx['run_name']}`", ""]
     lines += [
         "The model was trained on gender-balanced images, each image with the words of its class "
         f"({', '.join(run.words)}), through a word embedding that may itself be gender-biased. This audit "
@@ -450,7 +457,7 @@ def write_report(out: Path, ctx: dict) -> None:
                                 "suspicion.**"), ""]
     lines += ["## Setup", "", "| setting | value |", "|---|---|"]
     setup = [
-        ("run", f"`{run.run_dir}`, training step {run.step}"),
+        ("run", f"`{ctx['run_name']}`, training step {run.step}"),
         ("embedding", f"{run.config['embedding']}, debias: {run.config['debias']}, JL seed "
                       f"{run.config['jl_seed']} ({run.jl_matrix.shape[0]} -> {run.jl_matrix.shape[1]} dims)"),
         ("dataset", f"`{ctx['dataset']}` (source: {ctx['source'] or 'unknown'})"),
@@ -611,24 +618,28 @@ def main(argv: list[str] | None = None) -> dict:
                 raise InputError(f"--{flag}: {error}") from None
     require(1 <= cfg["sample_steps"] <= run.config["num_train_timesteps"],
             f"--sample_steps: need 1..{run.config['num_train_timesteps']}, got {cfg['sample_steps']}")
-    out = writable_folder(Path(cfg["out"] or run.run_dir / "audit"), "out")
-    dataset = resolve_dataset(run.config, cfg["dataset_path"])
+    owner = dict(tool="audit", run_dir=run.run_dir, run_id=run_identity(run.run_dir, run.config),
+                 default=run.run_dir / "audit")
+    out = Path(cfg["out"] or run.run_dir / "audit")
+    check_output_folder(out, **owner)  # another tool's or another run's folder is refused before any work
+    out = writable_folder(out, "out")
+    dataset = resolve_dataset(run.config, cfg["dataset_path"], run.run_dir)
     source = dataset_source(dataset)
     procedural = source == "procedural"
     attribute_note = ("" if procedural else
-                      f"Attribute rules skipped: `{dataset.parent / 'dataset.json'}` does not say source = "
+                      f"Attribute rules skipped: `{record_path(dataset.parent / 'dataset.json', run.run_dir)}` does not say source = "
                       f"procedural (it says {source!r}); hair-length rules are exact only for the procedural "
                       f"portraits.")
     methods = ["scoredecomp"] + (["attribute"] if procedural else []) + (["elbo"] if cfg["elbo"] else [])
 
     with timer("choosing words"):
-        wv = load_word_vectors(run.config["embedding"])
+        wv = load_word_vectors(run.embedding_source)
         seen = list(run.words)
         listing = unseen_candidates(cfg, seen, wv)
         usable, missing, trained, origin = (listing[key] for key in ("usable", "missing", "trained", "origin"))
         # Words are ranked by the gap in the original (not debiased) embedding, which no JL seed
         # changes, so every arm and seed of an experiment audits the same words.
-        ranking = {w: embedding_bias(w, source=run.config["embedding"])["cosine_gap"] for w in usable}
+        ranking = {w: embedding_bias(w, source=run.embedding_source)["cosine_gap"] for w in usable}
         unseen = pick_unseen(usable, ranking, 0 if cfg["words"] else cfg["max_unseen"], cfg["unseen_pick"])
         embedding = {w: embedding_metrics(w, run) for w in seen + unseen}
         if cfg["scoredecomp_base"] != "word":
@@ -650,6 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
             from diffusion_from_scratch.attribute_classifier import load_or_train
 
             classifier = load_or_train(dataset, run.model.config.image_size)
+    claim_output_folder(out, **owner)
     clear_previous_outputs(out)
 
     with timer("control 1: ScoreDecomp accuracy on test images"):
@@ -801,21 +813,23 @@ def main(argv: list[str] | None = None) -> dict:
         fits = regression_fits(rows, guidances, methods, cfg, out)
         atomic_write_text(out / "regression.csv", compact_csv_text(fits, REGRESSION_COLUMNS))
         summary = {
-            "run": str(run.run_dir), "run_step": run.step, "embedding": run.config["embedding"],
+            "run": record_path(run.run_dir, run.run_dir.parent), "run_step": run.step,
+            "embedding": run.config["embedding"],
             "debias": run.config["debias"], "jl_seed": run.config["jl_seed"], "jl_dim": run.config["jl_dim"],
-            "dataset": str(dataset), "dataset_source": source, "k": k, "k_origin": info["k_origin"],
+            "dataset": record_path(dataset, run.run_dir), "dataset_source": source, "k": k, "k_origin": info["k_origin"],
             "accuracy_at_k": {key: info[key] for key in ("accuracy", "ci_low", "ci_high", "auc",
                                                          "calibrated_accuracy", "threshold")},
             "methods": methods, "guidance": guidances, "seen": seen, "unseen": unseen, "missing": missing,
             "trained_in_list": trained, "respelled": listing["respelled"], "controls_failed": failed,
-            "config": cfg, "time_per_stage_s": timer.stages, **counts,
+            "config": recorded_flags(cfg, run.run_dir), "time_per_stage_s": timer.stages, **counts,
         }
         atomic_write_json(out / "audit.json", summary)
         ctx = dict(cfg=cfg, run=run, rows=rows, seed_rows=seed_rows, fits=fits, guidances=guidances, methods=methods,
                    embedding=embedding, control=control, k=k, t=score_model.timestep_for_k(k),
                    fidelity_rows=fidelity_rows, agreement=agreement, instrument=instrument,
                    instrument_info=classifier.info if classifier else {}, verdicts=verdicts, failed=failed,
-                   attribute_note=attribute_note, dataset=dataset, source=source, elbo=cfg["elbo"], device=device,
+                   attribute_note=attribute_note, dataset=record_path(dataset, run.run_dir), source=source,
+                   run_name=summary["run"], elbo=cfg["elbo"], device=device,
                    origin=origin, unseen=unseen, n_usable=len(usable), missing=missing, trained=trained,
                    respelled=listing["respelled"], bar_plots=bar_plots, timer=timer, **counts)
     write_report(out, ctx)  # after the last stage, so its time is in the report

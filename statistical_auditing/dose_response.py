@@ -22,7 +22,8 @@ alpha = +-0.4 the cosine gap cos(v, woman) - cos(v, man) of a typical word moves
 Outputs in <run>/dose_response (or --out): dose_response.csv (word, space, alpha, the
 resulting cosine gaps before and after the projection, method, female share with its 95%
 Wilson interval), slopes.csv (logistic slope per word, space and method with its 95% Wald
-interval), dose_response.png, report.md, samples/ (cache; a rerun resumes).
+interval), dose_response.png, report.md, samples/ (cache; a rerun resumes). --out must be the
+dose-response's own folder (utils.check_output_folder).
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ from diffusion_from_scratch.cli import (InputError, config_from_constants, const
                                     run_main)
 from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
 from diffusion_from_scratch.portraits import measure_attributes
-from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, compact_csv_text,
-                                          derived_seed, load_word_list, progress_bar, require_disk, require_memory,
-                                          resolve_device, writable_folder)
+from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
+                                          claim_output_folder, compact_csv_text, derived_seed, load_word_list,
+                                          progress_bar, record_path, recorded_flags, require_disk, require_memory,
+                                          resolve_device, run_identity, writable_folder)
 from diffusion_from_scratch.word_vectors import (FEMALE_WORD, MALE_WORD, SHIFT_SPACES, conditioning_table,
                                                  cosine_gap, gender_shifted_table, pick_unseen, unit_rows,
                                                  vocabulary_form)
@@ -52,7 +54,7 @@ OUT = ""  # output folder (empty = <run>/dose_response)
 WORDS = ""  # comma-separated words (empty = person + --n_unseen professions from --words_file)
 ANCHOR_WORDS = "person"  # always included (comma-separated; trained on balanced data)
 WORDS_FILE = str(DATA_DIR / "professions.txt")  # unseen words to pick from (missing ones are skipped)
-N_UNSEEN = 5  # [0, inf) professions at evenly spaced ranks of the original cosine gap
+N_UNSEEN = 5  # [1, inf) how many professions, at evenly spaced ranks of the original cosine gap (all if fewer are usable)
 ALPHAS = "-0.4,-0.3,-0.2,-0.1,0,0.1,0.2,0.3,0.4"  # list of numbers in (-inf, inf): multiples of the unit gender direction added
 SPACES = "embedding,projected"  # where the move is made: embedding (before the JL projection) | projected
 N_PER_POINT = 128  # [1, inf) images per (word, space, alpha)
@@ -175,12 +177,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise InputError(f"--k: {error}{origin}") from None
     wv = run.embedding
     words = choose_words(cfg, run, wv)
-    out = writable_folder(Path(cfg["out"] or run.run_dir / "dose_response"), "out")
+    owner = dict(tool="dose_response", run_dir=run.run_dir, run_id=run_identity(run.run_dir, run.config),
+                 default=run.run_dir / "dose_response")
+    out = Path(cfg["out"] or run.run_dir / "dose_response")
+    check_output_folder(out, **owner)  # another tool's or another run's folder is refused before any work
+    out = writable_folder(out, "out")
     n_images = len(words) * sum(len(alphas[s]) * n_per_point[s] for s in spaces)
     what = f"--n_per_point {cfg['n_per_point']} ({n_images:,} images of {score_model.image_size} px, cached in {out})"
     require_memory(cfg["n_per_point"] * 3 * score_model.image_size ** 2, what)
     require_disk(out, n_images * 3 * score_model.image_size ** 2, what)
 
+    claim_output_folder(out, **owner)
     mode = run.config["debias"]
     before_reference = np.stack([wv.unit(FEMALE_WORD), wv.unit(MALE_WORD)])
     seen_reference = conditioning_table([FEMALE_WORD, MALE_WORD], wv, run.jl_matrix, mode)
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(out / "slopes.csv", compact_csv_text(slopes, SLOPE_COLUMNS))
     plot(rows, words, spaces, out / "dose_response.png")
     seconds = time.perf_counter() - started
-    lines = [f"# Dose-response of `{run.run_dir}`", "",
+    lines = [f"# Dose-response of `{record_path(run.run_dir, run.run_dir.parent)}`", "",
              f"Words {', '.join(words)}; alphas {', '.join(f'{a:g}' for a in alphas['embedding'])} (moved before the "
              f"projection, {cfg['n_per_point']} images per point) and {', '.join(f'{a:g}' for a in alphas['projected'])}"
              f" (the check after it, {cfg['check_n_per_point']} per point); spaces: {', '.join(spaces)}; guidance {cfg['guidance']:g}; {cfg['sampler']} "
@@ -233,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{s['share_at_min_alpha']:.2f} / {s['share_at_max_alpha']:.2f} |")
     lines += ["", "![dose-response](dose_response.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
-    atomic_write_json(out / "dose_response.json", {"config": cfg, "k": k, "words": words, "run_step": run.step,
-                                                   "seconds": seconds})
+    atomic_write_json(out / "dose_response.json", {"config": recorded_flags(cfg, run.run_dir), "k": k, "words": words,
+                                                   "run_step": run.step, "seconds": seconds})
     print(f"[dose-response] wrote {out / 'report.md'} ({seconds / 60:.1f} min)")
     return {"rows": rows, "slopes": slopes, "words": words, "out": str(out)}
 

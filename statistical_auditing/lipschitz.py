@@ -23,7 +23,9 @@ individual-fairness constraint (similar conditionings, similar outputs). Two mea
 
 Outputs in <run>/lipschitz (or --out): predictor.csv (per timestep: median, quartiles, max
 of the ratio), pairs.csv (per pair: ||y1 - y2||, mean ratio over images per timestep, output
-distances), lipschitz.png, report.md.
+distances), lipschitz.png, report.md. --guidance_for_outputs and --method_for_outputs must name what
+the run's audit measured, and --dose_word a word of its dose-response when it has one; --out must be
+lipschitz's own folder (utils.check_output_folder).
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ import torch
 
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
-from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, compact_csv_text, progress_bar,
-                                          read_text_file, require_memory, require_writable, resolve_device,
-                                          writable_folder)
+from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, check_output_folder,
+                                          claim_output_folder, compact_csv_text, progress_bar, read_text_file,
+                                          record_path, recorded_flags, require_memory, require_writable,
+                                          resolve_device, run_identity)
 from diffusion_from_scratch.word_vectors import gender_shifted_table
 from statistical_auditing.experiment_stats import distinct_rows, lipschitz_ratios
 from statistical_auditing.score_interface import to_epsilon
@@ -98,6 +101,41 @@ def audit_outputs(run_dir: Path, guidance: float, method: str) -> dict[str, dict
     return outputs
 
 
+def measured_outputs(run_dir: Path, audit: dict) -> tuple[dict[str, set[float]], set[str]]:
+    """What the run's audit measured: method -> the guidance scales its proportions.csv holds
+    (audit.json's lists where the table has no rows), and the words of its dose-response."""
+    measured: dict[str, set[float]] = {}
+    for row in read_csv_rows(run_dir / "audit" / "proportions.csv"):
+        try:
+            measured.setdefault(row["method"], set()).add(float(row["guidance"]))
+        except (KeyError, ValueError, TypeError):
+            continue
+    if not measured and isinstance(audit.get("methods"), list) and isinstance(audit.get("guidance"), list):
+        measured = {str(m): {float(g) for g in audit["guidance"]} for m in audit["methods"]}
+    dose_words = {row.get("word", "") for row in read_csv_rows(run_dir / "dose_response" / "dose_response.csv")}
+    return measured, dose_words - {""}
+
+
+def check_measured(cfg: dict, run_dir: Path, audit: dict, alphas: list[float]) -> None:
+    """--method_for_outputs and --guidance_for_outputs must select what the audit measured (else
+    every output distance would be NaN), and --dose_word, when the run has a dose-response, one
+    of its words: InputError naming the flag and the values available."""
+    measured, dose_words = measured_outputs(run_dir, audit)
+    where = run_dir / "audit" / "proportions.csv"
+    if not measured:
+        return  # an audit without rows: nothing to select, the report says so
+    method, guidance = cfg["method_for_outputs"], cfg["guidance_for_outputs"]
+    if method not in measured:
+        raise InputError(f"--method_for_outputs: the run's audit ({where}) measured {', '.join(sorted(measured))}, "
+                         f"not {method}")
+    if not any(abs(g - guidance) <= 1e-9 for g in measured[method]):
+        raise InputError(f"--guidance_for_outputs: the run's audit ({where}) drew guidance "
+                         f"{', '.join(f'{g:g}' for g in sorted(measured[method]))} for {method}, not {guidance:g}")
+    if alphas and dose_words and cfg["dose_word"] not in dose_words:
+        raise InputError(f"--dose_word: the run's dose-response ({run_dir / 'dose_response'}) moved "
+                         f"{', '.join(sorted(dose_words))}, not {cfg['dose_word']!r}")
+
+
 def dose_outputs(run_dir: Path, word: str, method: str) -> dict[float, float]:
     """alpha -> female share of the run's dose-response for ``word`` (moved before the projection)."""
     shares = {}
@@ -115,7 +153,7 @@ def test_images(run, n: int) -> torch.Tensor:
     from diffusion_from_scratch.utils import load_split
     from statistical_auditing.audit import resolve_dataset
 
-    dataset = resolve_dataset(run.config, "")
+    dataset = resolve_dataset(run.config, "", run.run_dir)
     images, labels = load_split(dataset, "test", list(run.config["classes"]), run.model.config.image_size)
     order = sorted(range(len(labels)), key=lambda i: (sum(1 for j in range(i) if labels[j] == labels[i]), int(labels[i])))
     return images[order[:n]].float() / 255.0
@@ -194,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     require(not bad, f"--timesteps: {bad} outside 0..{n_train - 1}")
     out = Path(cfg["out"] or run.run_dir / "lipschitz")
     require_writable(out, "out")
+    owner = dict(tool="lipschitz", run_dir=run.run_dir, run_id=run_identity(run.run_dir, run.config),
+                 default=run.run_dir / "lipschitz")
+    check_output_folder(out, **owner)  # another tool's or another run's folder is refused before any work
     audit_path = run.run_dir / "audit" / "audit.json"
     try:
         audit = json.loads(audit_path.read_text())
@@ -203,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not isinstance(audit, dict) or not all(isinstance(audit.get(key, []), list) for key in ("seen", "unseen")):
         raise InputError(f"{audit_path}: not an audit summary (a JSON object with the lists seen and unseen); rerun "
                          f"statistical_auditing/audit.py --run {run.run_dir}")
+    check_measured(cfg, run.run_dir, audit, alphas)
     words = list(dict.fromkeys(list(audit.get("seen", run.words)) + list(audit.get("unseen", []))))
     labels = [("word", w) for w in words]
     vectors = [run.word_vectors(words)]
@@ -268,16 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
     small = np.percentile(distances, 10)
     close_pairs = [q for q in with_gap if q["distance"] <= small]
     worst_close = max(close_pairs, key=lambda q: q["female_gap"], default=None)
-    writable_folder(out, "out")
+    claim_output_folder(out, **owner)
     atomic_write_text(out / "predictor.csv", compact_csv_text(per_t, list(per_t[0])))
     atomic_write_text(out / "pairs.csv", compact_csv_text(pairs, list(pairs[0]) if pairs else ["y1"]))
     plot(per_t, pairs, out / "lipschitz.png")
-    summary = {"run": str(run.run_dir), "run_step": run.step, "timesteps": timesteps, "n_vectors": len(vectors),
+    summary = {"run": record_path(run.run_dir, run.run_dir.parent), "run_step": run.step, "timesteps": timesteps, "n_vectors": len(vectors),
                "n_pairs": len(pair_index), "n_images": len(x0), "per_timestep": per_t,
                "output_lipschitz": output_lipschitz, "distance_p10": float(small),
-               "worst_close_pair": worst_close, "config": cfg, "seconds": time.perf_counter() - started}
+               "worst_close_pair": worst_close, "config": recorded_flags(cfg, run.run_dir), "seconds": time.perf_counter() - started}
     atomic_write_json(out / "lipschitz.json", summary)
-    lines = [f"# Lipschitz view of `{run.run_dir}`", "",
+    lines = [f"# Lipschitz view of `{summary['run']}`", "",
              f"{len(vectors)} conditioning vectors ({len(words)} words"
              + (f", {len(alphas)} dose-response points of {cfg['dose_word']}" if alphas else "")
              + f"), {len(pair_index)} pairs, {len(x0)} test images, timesteps {', '.join(map(str, timesteps))}.", "",
