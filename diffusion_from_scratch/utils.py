@@ -431,16 +431,15 @@ def file_sha256(path: Path) -> str:
 
 def record_path(path: Path | str, base: Path | str | None = None) -> str:
     """``path`` as records hold it: relative to the repository root when it lies inside it
-    ("data/professions.txt"), else relative to ``base`` (a run folder), never absolute unless
-    neither applies (no base given). Records then mean the same on every machine."""
+    ("data/professions.txt"), else relative to ``base`` (a run folder) when it lies inside that
+    ("audit"), else absolute. A path outside both is not made relative: "../../data/32" breaks
+    as soon as the run folder moves without its data, which an absolute path survives; a kept
+    copy of a run (statistical_auditing/keep_run.py) writes such paths portably."""
     resolved = Path(path).expanduser().resolve()
-    try:
-        return resolved.relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        pass
-    if base is not None:
-        return Path(os.path.relpath(resolved, Path(base).expanduser().resolve())).as_posix()
-    return str(path)
+    for root in (REPO_ROOT, Path(base).expanduser().resolve() if base is not None else None):
+        if root is not None and (resolved == root or root in resolved.parents):
+            return resolved.relative_to(root).as_posix() or "."
+    return str(resolved)
 
 
 def resolve_recorded_path(text: str, base: Path | str | None = None, sha256: str | None = None) -> Path:

@@ -100,7 +100,7 @@ STAGES = {  # flag holding the pass-through args -> (script, fixed flags, flags 
     "data_args": ("diffusion_from_scratch/synthetic_data.py", ["--source", "procedural"], ("out", "source")),
     "train_args": ("diffusion_from_scratch/ddpm_conditional.py", ["--preset", "tiny"],
                    ("debias", "jl_seed", "seed", "run_dir", "dataset_path", "resume", "num_threads", "image_size")),
-    "audit_args": ("statistical_auditing/audit.py", [], ("run", "out", "num_threads")),
+    "audit_args": ("statistical_auditing/audit.py", [], ("run", "out", "num_threads", "dataset_path")),
     "dose_args": ("statistical_auditing/dose_response.py", [], ("run", "out", "num_threads")),
     "lipschitz_args": ("statistical_auditing/lipschitz.py", [], ("run", "out", "num_threads")),
     "combine_args": ("statistical_auditing/combine_audits.py", [], ("runs", "out")),

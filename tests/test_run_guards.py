@@ -177,10 +177,11 @@ def test_dose_response_n_unseen_is_a_count_of_at_least_one(smoke_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- 6. recorded paths
-def test_record_path_is_relative_to_the_repository_else_to_the_run(tmp_path):
+def test_record_path_is_relative_to_the_repository_else_to_the_run_else_absolute(tmp_path):
     assert record_path(DATA_DIR / "professions.txt", tmp_path) == "data/professions.txt"
     assert record_path(tmp_path / "run" / "audit", tmp_path / "run") == "audit"
-    assert record_path(tmp_path / "data" / "x", tmp_path / "run") == "../data/x"
+    # outside both: absolute (a relative "../data/x" would break when the run moves without its data)
+    assert record_path(tmp_path / "data" / "x", tmp_path / "run") == str((tmp_path / "data" / "x").resolve())
 
 
 def test_recorded_paths_resolve_here_and_old_absolute_ones_fall_back_to_data(tmp_path):
