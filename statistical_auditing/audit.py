@@ -102,6 +102,7 @@ SAMPLE_STEPS = AUDIT_SAMPLE_STEPS  # [1, inf) sampler steps (pipeline.AUDIT_SAMP
 WORDS = ""  # comma-separated unseen words (each must be in the embedding); overrides WORDS_FILE
 WORDS_FILE = str(DATA_DIR / "professions.txt")  # unseen words, one per line (missing ones are skipped)
 MAX_UNSEEN = 20  # [0, inf) unseen words from WORDS_FILE to audit (0 = all); --words are all audited
+FULL_GUIDANCE_WORDS = 0  # [0, inf) unseen words (picked as --unseen_pick picks) drawn at every --guidance scale; the others only at the first (0 = all at every scale)
 UNSEEN_PICK = "spread"  # spread (evenly spaced ranks of the original embedding's gender gap) | first (file order)
 INSTRUMENT = True  # check the attribute rules against a CNN trained on the renders' ground truth
 ELBO = False  # also call gender with the ELBO (diffusion likelihood) classifier (slow)
@@ -641,13 +642,18 @@ def main(argv: list[str] | None = None) -> dict:
         # changes, so every arm and seed of an experiment audits the same words.
         ranking = {w: embedding_bias(w, source=run.embedding_source)["cosine_gap"] for w in usable}
         unseen = pick_unseen(usable, ranking, 0 if cfg["words"] else cfg["max_unseen"], cfg["unseen_pick"])
+        # the first scale draws every word; the others the seen words and --full_guidance_words of the unseen
+        every_scale = set(unseen if cfg["words"] or not cfg["full_guidance_words"] else
+                          pick_unseen(unseen, ranking, cfg["full_guidance_words"], cfg["unseen_pick"]))
+        words_at = {g: seen + [w for w in unseen if i == 0 or w in every_scale] for i, g in enumerate(guidances)}
         embedding = {w: embedding_metrics(w, run) for w in seen + unseen}
         if cfg["scoredecomp_base"] != "word":
             try:
                 run.word_vectors([cfg["scoredecomp_base"]])
             except InputError as error:
                 raise InputError(f"--scoredecomp_base: {error}") from None
-    n_images = len(guidances) * (len(seen) * cfg["n_seeds"] * cfg["n_per_seed"] + len(unseen) * cfg["n_per_word"])
+    n_images = sum(len(seen) * cfg["n_seeds"] * cfg["n_per_seed"] + (len(words_at[g]) - len(seen)) * cfg["n_per_word"]
+                   for g in guidances)
     image_bytes = n_images * 3 * score_model.image_size ** 2
     what = (f"--n_seeds / --n_per_seed / --n_per_word ({n_images:,} images of {score_model.image_size} px, all kept "
             f"in memory and cached in {out / 'samples'})")
@@ -681,7 +687,7 @@ def main(argv: list[str] | None = None) -> dict:
     grids: dict[float, list[torch.Tensor]] = {g: [] for g in guidances}
     disagreements: list[tuple[str, torch.Tensor]] = []
     counts = {"sampled": 0, "cached": 0}
-    sets = [(g, w, s) for g in guidances for w in words for s in range(cfg["n_seeds"] if w in seen else 1)]
+    sets = [(g, w, s) for g in guidances for w in words_at[g] for s in range(cfg["n_seeds"] if w in seen else 1)]
     with timer("sampling and calling gender"):
         by_word: dict[tuple[str, float], dict] = {}
         for guidance, word, seed_index in progress_bar(sets, desc="(scale, word, seed) sample sets"):
@@ -717,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict:
                     seed_rows.append({"word": word, "guidance": guidance, "method": method, "seed_index": seed_index,
                                       "sampling_seed": sampling_seed, **share_of_calls(calls)})
         for guidance in guidances:
-            for word in words:
+            for word in words_at[guidance]:
                 entry = by_word[(word, guidance)]
                 images = torch.cat(entry["images"])
                 weights = torch.cat(entry["weights"])
@@ -796,12 +802,13 @@ def main(argv: list[str] | None = None) -> dict:
                                 labels=[label for label, _ in disagreements])
         for guidance in guidances:
             save_image_grid(torch.cat(grids[guidance]), out / f"samples_g{guidance:g}.png",
-                            nrow=cfg["grid_per_word"], labels=words)
+                            nrow=cfg["grid_per_word"], labels=words_at[guidance])
         by_key = {(r["word"], r["guidance"], r["method"]): r for r in rows}
         bar_plots: dict[float, list[str]] = {}
         for guidance in guidances:
             for method in methods:
-                chosen = [by_key[(w, guidance, method)] for w in words if by_key[(w, guidance, method)]["n"]]
+                chosen = [by_key[(w, guidance, method)] for w in words_at[guidance]
+                          if by_key[(w, guidance, method)]["n"]]
                 if not chosen:
                     continue
                 plot = f"shares_g{guidance:g}_{method}.png"
@@ -820,7 +827,7 @@ def main(argv: list[str] | None = None) -> dict:
             "accuracy_at_k": {key: info[key] for key in ("accuracy", "ci_low", "ci_high", "auc",
                                                          "calibrated_accuracy", "threshold")},
             "methods": methods, "guidance": guidances, "seen": seen, "unseen": unseen, "missing": missing,
-            "trained_in_list": trained, "respelled": listing["respelled"], "controls_failed": failed,
+            "unseen_at_every_scale": [w for w in unseen if w in every_scale], "trained_in_list": trained, "respelled": listing["respelled"], "controls_failed": failed,
             "config": recorded_flags(cfg, run.run_dir), "time_per_stage_s": timer.stages, **counts,
         }
         atomic_write_json(out / "audit.json", summary)

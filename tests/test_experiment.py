@@ -130,3 +130,18 @@ def test_committed_kept_runs_have_no_broken_image_links():
     if not runs.is_dir():
         pytest.skip("no kept runs in this checkout")
     assert not _dangling_image_links(runs)
+
+
+@pytest.mark.smoke
+def test_full_guidance_words_draws_the_other_scales_for_those_words_only(tmp_path, smoke_run, small_dataset):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    run_script("statistical_auditing/audit.py", "--run", str(run), "--preset", "smoke", "--num_threads", "1",
+               "--guidance", "1,3", "--full_guidance_words", "1", "--dataset_path", str(small_dataset))
+    summary = json.loads((run / "audit" / "audit.json").read_text())
+    assert len(summary["unseen"]) == 3 and len(summary["unseen_at_every_scale"]) == 1
+    drawn = {(r["guidance"], r["word"]) for r in _rows(run / "audit" / "proportions.csv")}
+    for word in summary["unseen"]:
+        assert ("1", word) in drawn
+        assert (("3", word) in drawn) == (word in summary["unseen_at_every_scale"]), word
+    assert all(("3", word) in drawn for word in summary["seen"])
