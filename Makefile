@@ -54,3 +54,4 @@ bench: install
 	$(PY) bench/simplex_vs_cvxpy.py
 	$(PY) bench/scoredecomp_vs_elbo.py --run $(RUN)  # needs a trained run (make demo)
 	$(PY) bench/sd_time_per_image.py
+	$(PY) bench/experiment_layout.py  # needs an idle machine
