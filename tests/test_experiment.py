@@ -145,3 +145,46 @@ def test_full_guidance_words_draws_the_other_scales_for_those_words_only(tmp_pat
         assert ("1", word) in drawn
         assert (("3", word) in drawn) == (word in summary["unseen_at_every_scale"]), word
     assert all(("3", word) in drawn for word in summary["seen"])
+
+
+def _fake_run(folder, jl_seed=0, with_dose=True):
+    """A finished run's small outputs, enough for keep_run without weights."""
+    config = {"train": {"debias": "none", "jl_seed": jl_seed, "seed": 789, "lr": 0.001}, "unet": {}, "words": [],
+              "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction": "v_prediction",
+              "debias": "none", "jl_seed": jl_seed}
+    (folder / "audit").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "audit" / "audit.json").write_text(json.dumps({"run": str(folder), "k": 3}))
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "state.safetensors").write_bytes(b"weights")
+    if with_dose:
+        (folder / "dose_response").mkdir()
+        (folder / "dose_response" / "slopes.csv").write_text("word,slope\nmaid,1\n")
+    return folder
+
+
+def test_a_kept_run_is_replaced_whole_and_another_runs_copy_is_refused(tmp_path):
+    from diffusion_from_scratch.cli import InputError
+    from statistical_auditing.keep_run import keep_run
+
+    dest = tmp_path / "kept"
+    run = _fake_run(tmp_path / "exp" / "w2v-jl0")
+    kept = keep_run(run, dest, None, weights=False)
+    assert (kept / "dose_response" / "slopes.csv").is_file() and not (kept / "checkpoints").exists()
+    assert str(tmp_path) not in (kept / "audit" / "audit.json").read_text()  # paths made portable
+    # the same run kept again from an experiment without dose-response: nothing of the old copy survives
+    again = _fake_run(tmp_path / "exp2" / "w2v-jl0", with_dose=False)
+    keep_run(again, dest, None, weights=False)
+    assert not (kept / "dose_response").exists() and (kept / "kept.json").is_file()
+    # another run (another JL seed) under the same name is refused and the kept copy is left as it was
+    other = _fake_run(tmp_path / "exp3" / "w2v-jl0", jl_seed=1)
+    before = sorted(p.relative_to(kept) for p in kept.rglob("*"))
+    with pytest.raises(InputError, match="jl_seed differs"):
+        keep_run(other, dest, None, weights=False)
+    assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
+    # a folder there that is not a kept copy is never overwritten
+    (dest / "debiased-jl0").mkdir()
+    (dest / "debiased-jl0" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a kept run"):
+        keep_run(_fake_run(tmp_path / "exp4" / "debiased-jl0"), dest, None, weights=False)
+    assert (dest / "debiased-jl0" / "notes.txt").read_text() == "mine"
