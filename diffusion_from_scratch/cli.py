@@ -222,6 +222,12 @@ def parse_number_list(text: str, flag: str, kind: type = float, declared: Range 
     return values
 
 
+def parse_distinct_numbers(text: str, flag: str, kind: type = float, declared: Range | None = None) -> list:
+    """``parse_number_list`` with repeats dropped: the distinct items in the order given (a list
+    of k values or guidance scales measures each once)."""
+    return list(dict.fromkeys(parse_number_list(text, flag, kind, declared)))
+
+
 def check_ranges(config: Mapping[str, Any], ranges: Mapping[str, Range], defaults: Mapping[str, Any] | None = None
                  ) -> None:
     """Every value of ``config`` in its declared range (a list flag: every item), else InputError

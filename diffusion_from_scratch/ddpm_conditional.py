@@ -52,7 +52,7 @@ from diffusion_from_scratch.utils import (DATA_DIR, IMAGE_SUFFIXES, atomic_write
                                           atomic_write_text, csv_text, derived_seed, file_sha256, load_class_words,
                                           load_json, load_split, progress_bar, record_path, remove_orphaned_temporaries,
                                           require_memory, require_writable, resolve_device, resolve_recorded_path,
-                                          save_image_grid, training_vocabulary)
+                                          save_image_grid, training_vocabulary, writable_folder)
 
 # ----------------------------------------------------------------------------- config
 PRESET = "tiny"  # tiny (CPU, minutes) | paper (the original's GPU settings) | smoke (seconds, tests)
@@ -566,17 +566,6 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     atomic_write_bytes(out, buffer.getvalue())
 
 
-def writable_folder(run_dir: Path) -> None:
-    """Create ``run_dir`` (and its checkpoints/) or raise InputError saying why it cannot be."""
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise InputError(f"--run_dir: cannot write to {run_dir}: {error.strerror or error}") from None
-
-
 # ----------------------------------------------------------------------------- training
 def main(argv: list[str] | None = None) -> Path:
     from accelerate import Accelerator
@@ -651,7 +640,8 @@ def main(argv: list[str] | None = None) -> Path:
         say(f"resuming {run_dir} from {checkpoint.name} (step {start_step} of {total_steps})")
 
     if main_process:
-        writable_folder(run_dir)
+        writable_folder(run_dir, "run_dir")
+        writable_folder(run_dir / "checkpoints", "run_dir")
         remove_orphaned_checkpoints(run_dir)
         remove_orphaned_temporaries(run_dir)
         if checkpoint is None:

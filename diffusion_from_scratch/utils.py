@@ -67,6 +67,24 @@ def read_text_file(path: Path, what: str, limit: int | None = None) -> str:
         raise InputError(f"{path}: expected {what} in UTF-8 text, but byte {error.start} is not UTF-8") from None
 
 
+def read_csv_table(path: Path, columns: Sequence[str] = (), missing_ok: bool = False) -> list[dict]:
+    """The rows of a CSV table one of the scripts wrote (dicts keyed by its header); [] when
+    ``missing_ok`` and nothing is at ``path``. An unreadable file, one without ``columns``, or a
+    row with more cells than the header raises InputError naming it."""
+    if missing_ok and not Path(path).exists():
+        return []
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "a CSV table"), newline="")))
+    except csv.Error as error:
+        raise InputError(f"{path}: not a readable CSV table ({error}); rerun the script that wrote it") from None
+    if any(None in row for row in rows):  # DictReader files surplus cells under the key None
+        raise InputError(f"{path}: a row has more cells than the header; rerun the script that wrote it")
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise InputError(f"{path}: expected the columns {', '.join(columns)} (missing {', '.join(missing)})")
+    return rows
+
+
 def load_word_list(path: Path) -> list[str]:
     """One word or phrase per line; blank lines and '#' comments are ignored."""
     lines = read_text_file(path, "a word list").splitlines()

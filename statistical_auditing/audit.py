@@ -61,8 +61,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
-                                    run_main)
+from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
+                                    require, run_main)
 from diffusion_from_scratch.fidelity import expected_shares, fidelity_row, format_table
 from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
 from diffusion_from_scratch.portraits import SCENES, measure_attributes
@@ -75,8 +75,9 @@ from diffusion_from_scratch.word_vectors import embedding_bias, load_word_vector
 from statistical_auditing.diffusion_classifier import elbo_classify
 from statistical_auditing.experiment_stats import hierarchical_regression, pooled_share
 from statistical_auditing.labelled_images import CLASS_WORDS, images_to_tensor, open_labelled_images
-from statistical_auditing.sampling import (CANDIDATES, FEMALE, MALE, UNDECIDED, cached_samples, hair_calls,
-                                           run_fingerprint, scoredecomp_calls, share_of_calls)
+from statistical_auditing.sampling import (CANDIDATES, FEMALE, MALE, METHOD_NAMES, UNDECIDED, X_VARIANTS,
+                                           cached_samples, hair_calls, run_fingerprint, scoredecomp_calls,
+                                           share_of_calls)
 from statistical_auditing.score_models import PixelScoreModel
 from statistical_auditing.scoring import choose_k, decide, scores_by_k
 from statistical_auditing.stats import binary_auc, calibrated_threshold, plot_proportions, plot_regression, \
@@ -122,9 +123,6 @@ PRESETS = {
 }
 CHOICES = {"sampler": SAMPLERS, "unseen_pick": ("spread", "first"), "call": ("argmax", "calibrated")}
 CANDIDATE_LABELS = ("male", "female")
-METHOD_NAMES = {"scoredecomp": "ScoreDecomp", "attribute": "hair rule", "elbo": "ELBO classifier"}
-X_VARIANTS = {"cosine_gap_w2v": "in the original word2vec", "cosine_gap": "in the run's embedding, before the JL "
-              "projection", "cosine_gap_jl": "after the JL projection (what the model sees)"}
 EMBEDDING_KEYS = ("lookup_rule", "cosine_gap_w2v", "cos_woman", "cos_man", "cosine_gap", "gender_projection",
                   "cos_woman_jl", "cos_man_jl", "cosine_gap_jl", "gender_projection_jl")
 SCENE_COLUMNS = tuple(f"scene_{s}" for s in SCENES + ("unclear",))
@@ -142,12 +140,6 @@ OUTPUT_PATTERNS = ("*.png",)
 
 
 # ----------------------------------------------------------------------------- small helpers
-def parse_list(text: str, kind: type, flag: str) -> list:
-    """Distinct comma-separated values of ``kind``, in order; InputError naming the flag on an
-    empty list or item, a non-number or a non-finite number (``cli.parse_number_list``)."""
-    return list(dict.fromkeys(parse_number_list(text, flag, kind)))
-
-
 def fmt_share(row: dict | None) -> str:
     if row is None:
         return "-"
@@ -419,7 +411,7 @@ def regression_fits(rows: list[dict], guidances: list[float], methods: list[str]
                 if fit["defined"]:
                     plot = f"regression_g{guidance:g}_{method}_{x_key}.png"
                     plot_regression(x, y, [r["word"] for r in points], fit, out / plot,
-                                    xlabel=f"cos(w, woman) - cos(w, man), {x_text}",
+                                    xlabel=f"cos(w, woman) - cos(w, man), {x_text.run}",
                                     ylabel=f"female share ({METHOD_NAMES[method]})",
                                     title=f"{METHOD_NAMES[method]}, guidance {guidance:g}, {len(points)} unseen words")
                     entry["plot"] = plot
@@ -585,12 +577,12 @@ def write_report(out: Path, ctx: dict) -> None:
               "", "| guidance | method | x | words | slope [95% CI] | R^2 [95% CI] |", "|---|---|---|---|---|---|"]
     for f in fits:
         if f["defined"]:
-            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']]} | {f['n_words']} | "
-                         f"{f['slope']:.3g} {_ci(f['slope_ci_low'], f['slope_ci_high'])} | {f['r2']:.3f} "
-                         f"{_ci(f['r2_ci_low'], f['r2_ci_high'], '.3f')} |")
+            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']].run} | "
+                         f"{f['n_words']} | {f['slope']:.3g} {_ci(f['slope_ci_low'], f['slope_ci_high'])} | "
+                         f"{f['r2']:.3f} {_ci(f['r2_ci_low'], f['r2_ci_high'], '.3f')} |")
         else:
-            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']]} | {f['n_words']} | "
-                         f"undefined: {f['reason']} | |")
+            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']].run} | "
+                         f"{f['n_words']} | undefined: {f['reason']} | |")
     lines += [""] + [f"![{f['method']} {f['x']} guidance {f['guidance']:g}]({f['plot']})" for f in fits if "plot" in f]
     lines += ["", "## Files", "", "proportions.csv, seeds.csv, controls.csv, fidelity.csv, instruments.csv, "
               "regression.csv, audit.json, samples/ (cached images, reused by a rerun with the same settings).", ""]
@@ -601,8 +593,8 @@ def write_report(out: Path, ctx: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv=argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])
-    k_list = parse_list(cfg["k_list"], int, "k_list")
-    guidances = parse_list(cfg["guidance"], float, "guidance")
+    k_list = parse_distinct_numbers(cfg["k_list"], "k_list", int)
+    guidances = parse_distinct_numbers(cfg["guidance"], "guidance", float)
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
     timer = Timer()

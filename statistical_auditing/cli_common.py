@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from diffusion_from_scratch.cli import InputError, parse_number_list, require
+from diffusion_from_scratch.cli import InputError, parse_distinct_numbers, require
 from diffusion_from_scratch.utils import read_text_file, resolve_device
 from statistical_auditing.labelled_images import (FAIRFACE_RACES, LabelledImages, check_header, images_to_tensor,
                                                   open_labelled_images)
@@ -42,9 +42,9 @@ def split_list(text: str, flag: str) -> list[str]:
 def parse_k_list(text: str, flag: str = "k_list") -> list[int]:
     """Distinct positive integers of a comma-separated list, in the order given (an empty list or
     item, a non-integer or one below 1 raises InputError naming the flag)."""
-    ks = parse_number_list(text, flag, int)
+    ks = parse_distinct_numbers(text, flag, int)
     require(all(k >= 1 for k in ks), f"--{flag}: k counts steps from the clean end and must be >= 1, got {text!r}")
-    return list(dict.fromkeys(ks))
+    return ks
 
 
 def read_list_file(path: str, flag: str) -> list[str]:

@@ -45,9 +45,7 @@ dose_points.csv, lipschitz.csv, and PNGs.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -59,8 +57,9 @@ import numpy as np
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
 from diffusion_from_scratch.utils import (atomic_write_text, compact_csv_text, load_json, load_word_list,
-                                          read_text_file, require_writable, writable_folder)
+                                          read_csv_table, read_text_file, require_writable, writable_folder)
 from statistical_auditing import experiment_stats as E
+from statistical_auditing.sampling import METHOD_NAMES, X_VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 OWNER_FILE = ".owner.json"  # marks --out as this script's output, so a rerun may replace it
@@ -82,9 +81,6 @@ INCLUDE_FAILED = False  # pool runs that fail their controls too (a sensitivity 
 ARM_NAMES = {"none": "w2v", "hard": "debiased", "projected": "projected"}
 ARM_TEXT = {"w2v": "word2vec as it is", "debiased": "hard-debiased before the JL projection",
             "projected": "hard-debiased after the JL projection"}
-METHOD_NAMES = {"scoredecomp": "ScoreDecomp", "attribute": "hair rule", "elbo": "ELBO classifier"}
-X_VARIANTS = {"cosine_gap_w2v": "gap in the original word2vec", "cosine_gap": "gap in the arm's embedding, before JL",
-              "cosine_gap_jl": "gap after JL (what the model sees)"}
 FOCUS_SEEN = ("nurse", "philosopher", "person")
 
 
@@ -93,21 +89,6 @@ def _float(text) -> float:
         return float(text) if text not in ("", None) else math.nan
     except ValueError:
         return math.nan
-
-
-def read_csv(path: Path, columns: Sequence[str] = ()) -> list[dict]:
-    """The rows of a CSV the audits wrote; an unreadable file, or one without ``columns``, raises
-    InputError naming it."""
-    try:
-        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "a CSV table"), newline="")))
-    except csv.Error as error:
-        raise InputError(f"{path}: not a readable CSV table ({error})") from None
-    header = set(rows[0]) if rows else set()
-    missing = [c for c in columns if rows and c not in header]
-    if missing or any(None in row for row in rows):
-        raise InputError(f"{path}: expected the columns {', '.join(columns)} of an audit table"
-                         + (f" (missing {', '.join(missing)})" if missing else " (a row has more cells than the header)"))
-    return rows
 
 
 def load_run(entry: str) -> dict:
@@ -127,7 +108,7 @@ def load_run(entry: str) -> dict:
         require(key in summary, f"--runs: {needed[0]} lacks {key!r}; rerun the audit of {run_dir}")
     require(isinstance(summary["config"], dict) and isinstance(summary["controls_failed"], list),
             f"--runs: {needed[0]}: 'config' must be an object and 'controls_failed' a list; rerun the audit of {run_dir}")
-    shares = read_csv(needed[1], ("word", "seen", "guidance", "method", "n", "successes"))
+    shares = read_csv_table(needed[1], ("word", "seen", "guidance", "method", "n", "successes"))
     try:
         for row in shares:
             row["guidance"] = _float(row["guidance"])
@@ -137,7 +118,7 @@ def load_run(entry: str) -> dict:
             row["n"], row["successes"] = int(row["n"] or 0), int(row["successes"] or 0)
     except ValueError as error:
         raise InputError(f"{needed[1]}: expected integer counts in columns n and successes ({error})") from None
-    seeds = read_csv(needed[2], ("word", "guidance", "method", "n", "successes"))
+    seeds = read_csv_table(needed[2], ("word", "guidance", "method", "n", "successes"))
     try:
         for row in seeds:
             row["guidance"] = _float(row["guidance"])
@@ -157,8 +138,8 @@ def load_run(entry: str) -> dict:
     return {"name": run_dir.name, "dir": run_dir, "entry": entry, "resolved": run_dir.resolve(), "training": training,
             "summary": summary, "shares": shares, "seeds": seeds, "arm": arm,
             "jl_seed": summary["jl_seed"], "failed": list(summary["controls_failed"]),
-            "dose_points": read_csv(dose / "dose_response.csv") if (dose / "dose_response.csv").is_file() else [],
-            "dose_slopes": read_csv(dose / "slopes.csv") if (dose / "slopes.csv").is_file() else [],
+            "dose_points": read_csv_table(dose / "dose_response.csv", missing_ok=True),
+            "dose_slopes": read_csv_table(dose / "slopes.csv", missing_ok=True),
             "lipschitz": lipschitz_summary}
 
 
@@ -530,9 +511,9 @@ def lipschitz_table(included: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- plots
 def plot_regressions(included: list[dict], arm_fits: dict, guidance: float, method: str, path: Path) -> None:
-    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+    from statistical_auditing.stats import pyplot, save_figure_atomically
 
-    plt = _pyplot()
+    plt = pyplot()
     arms = list(dict.fromkeys(r["arm"] for r in included))
     fig, axes = plt.subplots(1, len(X_VARIANTS), figsize=(5.5 * len(X_VARIANTS), 4.5), squeeze=False)
     try:
@@ -553,20 +534,20 @@ def plot_regressions(included: list[dict], arm_fits: dict, guidance: float, meth
                 elif fit:
                     label += ": slope undefined (x has no spread)"
                 ax.scatter(xs, ys, s=10, alpha=0.6, color=f"C{i}", label=label)
-            ax.set_xlabel(x_text)
+            ax.set_xlabel(x_text.pooled)
             ax.set_ylabel(f"female share ({METHOD_NAMES.get(method, method)})")
             ax.set_ylim(-0.02, 1.02)
             ax.legend(fontsize=7)
         fig.suptitle(f"Unseen words, guidance {guidance:g}: every run's words, pooled line per arm")
-        _save_figure_atomically(fig, path)
+        save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_jl_shifts(shift_rows: list[dict], included: list[dict], guidance: float, method: str, path: Path) -> None:
-    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+    from statistical_auditing.stats import pyplot, save_figure_atomically
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     try:
         dims = sorted({r["jl_dim"] for r in shift_rows})
@@ -589,15 +570,15 @@ def plot_jl_shifts(shift_rows: list[dict], included: list[dict], guidance: float
         axes[1].set_ylim(-0.02, 1.02)
         axes[1].set_title("...and what the trained models draw for those words")
         axes[1].legend(fontsize=7)
-        _save_figure_atomically(fig, path)
+        save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_dose(points: list[dict], path: Path) -> None:
-    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+    from statistical_auditing.stats import pyplot, save_figure_atomically
 
-    plt = _pyplot()
+    plt = pyplot()
     methods = list(dict.fromkeys(p["method"] for p in points))
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.5), squeeze=False)
     try:
@@ -626,7 +607,7 @@ def plot_dose(points: list[dict], path: Path) -> None:
             ax.set_ylabel("female share, mean over runs (95% CI over runs and images)")
             ax.set_title(METHOD_NAMES.get(method, method))
             ax.legend(fontsize=7)
-        _save_figure_atomically(fig, path)
+        save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
 
@@ -682,7 +663,7 @@ def write_report(out: Path, ctx: dict) -> None:
                     slope = (f"{fmt(r['slope'])} {fmt_ci((r['slope_ci_low'], r['slope_ci_high']))}" if r["defined"]
                              else f"undefined: {r['reason']}")
                     r2 = f"{fmt(r['r2'])} {fmt_ci((r['r2_ci_low'], r['r2_ci_high']))}" if r["defined"] else "-"
-                    lines.append(f"| {r['arm']} | {X_VARIANTS[r['x']]} | {slope} | {r2} | {r['n_points']} |")
+                    lines.append(f"| {r['arm']} | {X_VARIANTS[r['x']].pooled} | {slope} | {r2} | {r['n_points']} |")
             plot = ctx["plots"].get(("regression", guidance, method))
             if plot:
                 lines += ["", f"![regression g{guidance:g} {method}]({plot})"]
@@ -692,7 +673,7 @@ def write_report(out: Path, ctx: dict) -> None:
     for c in ctx["contrast_rows"]:
         diff = f"{fmt(c['difference'])} {fmt_ci((c['ci_low'], c['ci_high']))}" if c["defined"] else "undefined"
         lines.append(f"| {c['arm']} | {c['guidance']:g} | {METHOD_NAMES.get(c['method'], c['method'])} | "
-                     f"{X_VARIANTS[c['x']]} | {diff} |")
+                     f"{X_VARIANTS[c['x']].pooled} | {diff} |")
     lines += ["", "### How far apart are the unseen words' shares?", "",
               "Standard deviation of the female share across the unseen words (mean over the arm's runs), the "
               "part of it beyond binomial sampling noise (tau = sqrt(var - mean p(1-p)/(n-1)); 0 = the words differ "
@@ -710,7 +691,7 @@ def write_report(out: Path, ctx: dict) -> None:
               "| arm | guidance | method | x | RMSE | MAE | R^2 out of sample |", "|---|---|---|---|---|---|---|"]
     for h in ctx["held_rows"]:
         lines.append(f"| {h['arm']} | {h['guidance']:g} | {METHOD_NAMES.get(h['method'], h['method'])} | "
-                     f"{X_VARIANTS[h['x']]} | {fmt(h['rmse'], '.3f')} | {fmt(h['mae'], '.3f')} | "
+                     f"{X_VARIANTS[h['x']].pooled} | {fmt(h['rmse'], '.3f')} | {fmt(h['mae'], '.3f')} | "
                      f"{fmt(h['r2_out'], '.2f')} |")
     lines += ["", "## 3. What the projection alone does to a word's gap (no training)", "",
               "after-JL gap - before-JL gap over all usable professions:", "",

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
-                                    run_main)
+from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
+                                    require, run_main)
 from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
 from diffusion_from_scratch.portraits import measure_attributes
 from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
@@ -79,11 +79,6 @@ SLOPE_COLUMNS = ("word", "space", "method", "slope", "slope_se", "slope_ci_low",
                  "share_at_min_alpha", "share_at_max_alpha")
 
 
-def parse_floats(text: str, flag: str) -> list[float]:
-    """Distinct finite numbers of a comma-separated list, in order (``cli.parse_number_list``)."""
-    return list(dict.fromkeys(parse_number_list(text, flag)))
-
-
 def choose_words(cfg: dict, run, wv) -> list[str]:
     """--words, else the anchor words plus --n_unseen unseen words spread over the original gap."""
     if cfg["words"]:
@@ -119,9 +114,9 @@ def audit_k(run_dir: Path) -> int:
 
 
 def plot(rows: list[dict], words: list[str], spaces: list[str], path: Path) -> None:
-    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+    from statistical_auditing.stats import pyplot, save_figure_atomically
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(METHODS), figsize=(6 * len(METHODS), 4.5), squeeze=False)
     try:
         for ax, method in zip(axes[0], METHODS):
@@ -144,7 +139,7 @@ def plot(rows: list[dict], words: list[str], spaces: list[str], path: Path) -> N
             ax.set_title({"attribute": "hair rule", "scoredecomp": "ScoreDecomp"}[method])
             ax.legend(fontsize=7)
         fig.suptitle("Dose-response: only the gender component of each word moves")
-        _save_figure_atomically(fig, path)
+        save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
 
@@ -155,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])
-    alphas = {"embedding": parse_floats(cfg["alphas"], "alphas"),
-              "projected": parse_floats(cfg["check_alphas"], "check_alphas")}
+    alphas = {"embedding": parse_distinct_numbers(cfg["alphas"], "alphas"),
+              "projected": parse_distinct_numbers(cfg["check_alphas"], "check_alphas")}
     n_per_point = {"embedding": cfg["n_per_point"], "projected": cfg["check_n_per_point"]}
     spaces = [s.strip() for s in cfg["spaces"].split(",") if s.strip()]
     unknown = [s for s in spaces if s not in SHIFT_SPACES]

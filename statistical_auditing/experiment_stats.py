@@ -11,18 +11,12 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as _scipy_stats
 
-from statistical_auditing.stats import wilson_interval
+from statistical_auditing.stats import ols, percentile_interval, wilson_interval
 
 # A regressor whose standard deviation is below this (in cosine-gap units) has no spread to
 # fit a slope on: hard-debiasing sets every profession's gap to ~1e-10 before the
 # projection, and a "slope" on that is rounding noise (it printed 4.5e+07 once).
 MIN_X_SD = 1e-3
-
-
-def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
-    tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(values, [tail, 100.0 - tail])
-    return float(low), float(high)
 
 
 # ----------------------------------------------------------------------------- shares
@@ -83,7 +77,7 @@ def pooled_over_runs(counts: Sequence[tuple[int, int]], n_boot: int = 2000, seed
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(counts), size=(n_boot, len(counts)))
     draws = rng.binomial(sizes[pick], shares[pick]) / sizes[pick]
-    low, high = _percentile_ci(draws.mean(axis=1), level)
+    low, high = percentile_interval(draws.mean(axis=1), level)
     return {"share": float(shares.mean()), "ci_low": low, "ci_high": high, "n_runs": len(counts),
             "run_sd": float(shares.std(ddof=1)) if len(counts) > 1 else math.nan}
 
@@ -136,23 +130,13 @@ def pooled_between_word_sd(groups: Sequence[tuple[Sequence[int], Sequence[int]]]
         drawn = [between_word_sd(groups[r][0][idx], groups[r][1][idx])
                  for r, idx in _two_stage_draw([s.size for s, _ in groups], rng)]
         replicates[b] = (np.mean([d["sd"] for d in drawn]), np.mean([d["tau"] for d in drawn]))
-    return {"sd": float(np.mean([r["sd"] for r in per_run])), "sd_ci": _percentile_ci(replicates[:, 0], level),
-            "tau": float(np.mean([r["tau"] for r in per_run])), "tau_ci": _percentile_ci(replicates[:, 1], level),
+    return {"sd": float(np.mean([r["sd"] for r in per_run])), "sd_ci": percentile_interval(replicates[:, 0], level),
+            "tau": float(np.mean([r["tau"] for r in per_run])), "tau_ci": percentile_interval(replicates[:, 1], level),
             "noise_sd": float(np.mean([r["noise_sd"] for r in per_run])), "n_runs": len(groups),
             "min": min(r["min"] for r in per_run), "max": max(r["max"] for r in per_run)}
 
 
 # ----------------------------------------------------------------------------- regressions
-
-
-def ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """(slope, intercept, r^2) of the least-squares line y = a + b x:
-    b = S_xy / S_xx, a = mean(y) - b mean(x), r^2 = S_xy^2 / (S_xx S_yy) (0 when y is constant)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    sxx, syy, sxy = float(xc @ xc), float(yc @ yc), float(xc @ yc)
-    slope = sxy / sxx
-    return slope, float(y.mean() - slope * x.mean()), (sxy * sxy / (sxx * syy) if syy > 0 else 0.0)
 
 
 def x_has_spread(x: Sequence[float], min_sd: float = MIN_X_SD) -> bool:
@@ -207,7 +191,8 @@ def hierarchical_regression(groups: Sequence[tuple[Sequence[float], Sequence[flo
     if not len(replicates):
         return undefined_fit("every bootstrap resample lacked spread in x", len(groups), n_points)
     return {"defined": True, "reason": "", "slope": slope, "intercept": intercept, "r2": r2,
-            "slope_ci": _percentile_ci(replicates[:, 0], level), "r2_ci": _percentile_ci(replicates[:, 1], level),
+            "slope_ci": percentile_interval(replicates[:, 0], level),
+            "r2_ci": percentile_interval(replicates[:, 1], level),
             "n_runs": len(groups), "n_points": n_points, "n_boot": int(n_boot),
             "n_dropped": int(n_boot) - len(replicates), "replicates": replicates}
 
@@ -220,7 +205,8 @@ def slope_contrast(fit: dict, reference: dict, level: float = 0.95) -> dict:
         return {"defined": False, "difference": math.nan, "ci": (math.nan, math.nan)}
     m = min(len(fit["replicates"]), len(reference["replicates"]))
     differences = fit["replicates"][:m, 0] - reference["replicates"][:m, 0]
-    return {"defined": True, "difference": fit["slope"] - reference["slope"], "ci": _percentile_ci(differences, level)}
+    return {"defined": True, "difference": fit["slope"] - reference["slope"],
+            "ci": percentile_interval(differences, level)}
 
 
 def held_out_prediction(x: Sequence[float], y: Sequence[float], fold: Sequence[int]) -> dict:

@@ -29,8 +29,6 @@ lipschitz's own folder (utils.check_output_folder).
 """
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import math
@@ -40,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
-                                    run_main)
+from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
+                                    parse_number_list, require, run_main)
 from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, check_output_folder,
-                                          claim_output_folder, compact_csv_text, progress_bar, read_text_file,
+                                          claim_output_folder, compact_csv_text, progress_bar, read_csv_table,
                                           record_path, recorded_flags, require_memory, require_writable,
                                           resolve_device, run_identity)
 from diffusion_from_scratch.word_vectors import gender_shifted_table
@@ -69,26 +67,10 @@ CHOICES = {"method_for_outputs": ("scoredecomp", "attribute")}
 SCENE_KEYS = ("neutral", "hospital", "library")
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-    """Distinct integers of a comma-separated list, in order (``cli.parse_number_list``)."""
-    return list(dict.fromkeys(parse_number_list(text, flag, int)))
-
-
-def read_csv_rows(path: Path) -> list[dict]:
-    """The rows of an output table of the audit or the dose-response; [] when there is none, and
-    InputError naming the file when it is there but unreadable."""
-    if not path.exists():
-        return []
-    try:
-        return list(csv.DictReader(io.StringIO(read_text_file(path, "a CSV table"), newline="")))
-    except csv.Error as error:
-        raise InputError(f"{path}: not a readable CSV table ({error}); rerun the script that wrote it") from None
-
-
 def audit_outputs(run_dir: Path, guidance: float, method: str) -> dict[str, dict]:
     """word -> {"female": share, "scenes": {scene: share}} from the run's audit (empty if not audited)."""
     outputs: dict[str, dict] = {}
-    for row in read_csv_rows(run_dir / "audit" / "proportions.csv"):
+    for row in read_csv_table(run_dir / "audit" / "proportions.csv", missing_ok=True):
         try:
             if abs(float(row["guidance"]) - guidance) > 1e-9 or row["method"] != method or not row["share"]:
                 continue
@@ -105,14 +87,15 @@ def measured_outputs(run_dir: Path, audit: dict) -> tuple[dict[str, set[float]],
     """What the run's audit measured: method -> the guidance scales its proportions.csv holds
     (audit.json's lists where the table has no rows), and the words of its dose-response."""
     measured: dict[str, set[float]] = {}
-    for row in read_csv_rows(run_dir / "audit" / "proportions.csv"):
+    for row in read_csv_table(run_dir / "audit" / "proportions.csv", missing_ok=True):
         try:
             measured.setdefault(row["method"], set()).add(float(row["guidance"]))
         except (KeyError, ValueError, TypeError):
             continue
     if not measured and isinstance(audit.get("methods"), list) and isinstance(audit.get("guidance"), list):
         measured = {str(m): {float(g) for g in audit["guidance"]} for m in audit["methods"]}
-    dose_words = {row.get("word", "") for row in read_csv_rows(run_dir / "dose_response" / "dose_response.csv")}
+    dose_rows = read_csv_table(run_dir / "dose_response" / "dose_response.csv", missing_ok=True)
+    dose_words = {row.get("word", "") for row in dose_rows}
     return measured, dose_words - {""}
 
 
@@ -139,7 +122,7 @@ def check_measured(cfg: dict, run_dir: Path, audit: dict, alphas: list[float]) -
 def dose_outputs(run_dir: Path, word: str, method: str) -> dict[float, float]:
     """alpha -> female share of the run's dose-response for ``word`` (moved before the projection)."""
     shares = {}
-    for row in read_csv_rows(run_dir / "dose_response" / "dose_response.csv"):
+    for row in read_csv_table(run_dir / "dose_response" / "dose_response.csv", missing_ok=True):
         try:
             if row["word"] == word and row["space"] == "embedding" and row["method"] == method and row["share"]:
                 shares[round(float(row["alpha"]), 6)] = float(row["share"])
@@ -187,9 +170,9 @@ def eps_for_vectors(run, x0: torch.Tensor, timesteps: list[int], vectors: torch.
 
 
 def plot(per_t: list[dict], pairs: list[dict], path: Path) -> None:
-    from statistical_auditing.stats import _pyplot, _save_figure_atomically
+    from statistical_auditing.stats import pyplot, save_figure_atomically
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     try:
         t = [r["t"] for r in per_t]
@@ -211,7 +194,7 @@ def plot(per_t: list[dict], pairs: list[dict], path: Path) -> None:
         axes[1].set_ylabel("|female share(y1) - female share(y2)|")
         axes[1].set_title("Images: output gap against conditioning distance")
         axes[1].legend(fontsize=8)
-        _save_figure_atomically(fig, path)
+        save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
 
@@ -221,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])
-    timesteps = parse_ints(cfg["timesteps"], "timesteps")
+    timesteps = parse_distinct_numbers(cfg["timesteps"], "timesteps", int)
     alphas = parse_number_list(cfg["dose_alphas"], "dose_alphas") if cfg["dose_word"] else []
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])

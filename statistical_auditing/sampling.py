@@ -10,7 +10,9 @@ them draws and judges images the same way:
 - ``FEMALE`` / ``MALE`` / ``UNDECIDED`` per-image calls (1 / 0 / -1) from the hair rule
   (long hair -> female-presenting, short -> male, anything else undecided) and from
   ScoreDecomp (``scoring.decide`` on the weights of "man" / "woman"; ties undecided);
-- ``share_of_calls``: female share among the decided images with its Wilson interval.
+- ``share_of_calls``: female share among the decided images with its Wilson interval;
+- ``METHOD_NAMES`` and ``X_VARIANTS``: how the audit's and the pooled report's tables name
+  the calling methods and the regressors of the unseen-word regressions.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import math
 import re
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,21 @@ from statistical_auditing.stats import wilson_interval
 FEMALE, MALE, UNDECIDED = 1, 0, -1
 CANDIDATES = ("man", "woman")  # ScoreDecomp candidates; index 1 is the female side
 _SAMPLE_FORMAT = 2  # bump when the cache layout changes
+METHOD_NAMES = {"scoredecomp": "ScoreDecomp", "attribute": "hair rule", "elbo": "ELBO classifier"}
+
+
+class GapText(NamedTuple):
+    run: str     # in one run's audit (its plots prefix "cos(w, woman) - cos(w, man), ")
+    pooled: str  # in the pooled report, shorter (it prints three side by side)
+
+
+# The regressors of the unseen-word regressions: proportions.csv column -> its texts, as the
+# committed reports print them.
+X_VARIANTS = {"cosine_gap_w2v": GapText("in the original word2vec", "gap in the original word2vec"),
+              "cosine_gap": GapText("in the run's embedding, before the JL projection",
+                                    "gap in the arm's embedding, before JL"),
+              "cosine_gap_jl": GapText("after the JL projection (what the model sees)",
+                                       "gap after JL (what the model sees)")}
 
 
 def safe_name(key: str) -> str:

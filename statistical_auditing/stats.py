@@ -123,17 +123,25 @@ def _fit_arrays(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.
     return x, y
 
 
-def _batched_ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slope and r^2 of y on x for each row of (m, n) arrays; NaN where a row's x is constant."""
-    xc = x - x.mean(axis=1, keepdims=True)
-    yc = y - y.mean(axis=1, keepdims=True)
-    sxx = (xc * xc).sum(axis=1)
-    syy = (yc * yc).sum(axis=1)
-    sxy = (xc * yc).sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slope = np.where(sxx > 0, sxy / sxx, np.nan)
-        r2 = np.where((sxx > 0) & (syy > 0), sxy * sxy / (sxx * syy), np.where(sxx > 0, 0.0, np.nan))
-    return slope, r2
+def ols(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
+    """(slope, intercept, r^2) of the least-squares line y = a + b x (e.g. Draper & Smith 1998, ch. 1):
+    b = S_xy / S_xx, a = mean(y) - b mean(x), r^2 = S_xy^2 / (S_xx S_yy) (0 when y is constant),
+    with S_uv = sum_i (u_i - mean(u)) (v_i - mean(v)). A constant x has no slope: (nan, nan, nan)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx, syy, sxy = float(xc @ xc), float(yc @ yc), float(xc @ yc)
+    if sxx == 0:
+        return math.nan, math.nan, math.nan
+    slope = sxy / sxx
+    return slope, float(y.mean() - slope * x.mean()), (sxy * sxy / (sxx * syy) if syy > 0 else 0.0)
+
+
+def percentile_interval(values: Sequence[float], level: float) -> tuple[float, float]:
+    """The bootstrap percentile interval (Efron & Tibshirani 1993, ch. 13): the (1 - level) / 2 and
+    (1 + level) / 2 quantiles of ``values`` (numpy's linear interpolation between order statistics)."""
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def linear_fit_with_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0,
@@ -144,8 +152,8 @@ def linear_fit_with_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: in
     freedom) come from ``scipy.stats.linregress``. The intervals are percentile intervals
     of the pairs bootstrap (Efron & Tibshirani 1993, ch. 9.5): n_boot resamples of the n
     (x, y) pairs with replacement drawn by ``numpy.random.default_rng(seed)``; each
-    resample's slope = S_xy / S_xx and r^2 = S_xy^2 / (S_xx S_yy); resamples whose x is
-    constant have no slope and are dropped (their number is returned as ``n_boot_dropped``).
+    resample's slope and r^2 come from ``ols``; resamples whose x is constant have no slope
+    and are dropped (their number is returned as ``n_boot_dropped``).
     Returns dict(slope, intercept, r, r2, p_value, slope_ci, r2_ci, n, n_boot,
     n_boot_dropped, seed, level).
     """
@@ -156,13 +164,13 @@ def linear_fit_with_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: in
     fit = _scipy_stats.linregress(x, y)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(int(n_boot), x.size))
-    slopes, r2s = _batched_ols(x[idx], y[idx])
+    replicates = np.array([ols(x[i], y[i]) for i in idx])
+    slopes, r2s = replicates[:, 0], replicates[:, 2]
     keep = np.isfinite(slopes)
     if not keep.any():
         raise ValueError("every bootstrap resample had a constant x; too few distinct x values")
-    tail = 100.0 * (1.0 - level) / 2.0
-    slope_ci = tuple(float(v) for v in np.percentile(slopes[keep], [tail, 100.0 - tail]))
-    r2_ci = tuple(float(v) for v in np.percentile(r2s[keep], [tail, 100.0 - tail]))
+    slope_ci = percentile_interval(slopes[keep], level)
+    r2_ci = percentile_interval(r2s[keep], level)
     return {
         "slope": float(fit.slope), "intercept": float(fit.intercept), "r": float(fit.rvalue),
         "r2": float(fit.rvalue ** 2), "p_value": float(fit.pvalue), "slope_ci": slope_ci, "r2_ci": r2_ci,
@@ -171,7 +179,7 @@ def linear_fit_with_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: in
     }
 
 
-def _save_figure_atomically(fig, path: str | os.PathLike) -> Path:
+def save_figure_atomically(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure as PNG beside ``path`` and rename it into place
     (``utils.atomic_write_bytes``: the file gets the mode the umask gives, as any plain write)."""
     import io
@@ -185,7 +193,8 @@ def _save_figure_atomically(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (PNG files, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -204,7 +213,7 @@ def plot_regression(x: Sequence[float], y: Sequence[float], labels: Sequence[str
         raise ValueError(f"x and y must have the same length; got {x.size} and {y.size}")
     if labels is not None and len(labels) != x.size:
         raise ValueError(f"got {len(labels)} labels for {x.size} points")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     try:
         ax.scatter(x, y, s=18, alpha=0.8, label=f"data (n = {x.size})")
@@ -220,7 +229,7 @@ def plot_regression(x: Sequence[float], y: Sequence[float], labels: Sequence[str
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(loc="best", fontsize=8)
-        return _save_figure_atomically(fig, path)
+        return save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
 
@@ -244,7 +253,7 @@ def plot_proportions(rows: Iterable[Mapping], path: str | os.PathLike, xlabel: s
     high = np.array([float(r["high"]) for r in rows])
     if ((low > share + 1e-12) | (high < share - 1e-12)).any():
         raise ValueError("every row needs low <= share <= high")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2.0), 4.5))
     try:
         positions = np.arange(len(rows))
@@ -259,6 +268,6 @@ def plot_proportions(rows: Iterable[Mapping], path: str | os.PathLike, xlabel: s
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        return _save_figure_atomically(fig, path)
+        return save_figure_atomically(fig, path)
     finally:
         plt.close(fig)
