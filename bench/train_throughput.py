@@ -62,7 +62,7 @@ TARGET_SPEEDUP = 2.0  # (0, inf) required ours / original images/s (paper UNet, 
 TARGET_PEAK_FRACTION = 0.40  # (0, 1] required achieved / peak GFLOP/s for the paper UNet
 REFERENCE_ORIGINAL = 0.42  # (0, inf) images/s of the original code measured by the issue (64x64, batch 8, fp32, 2 cores)
 
-PAPER_PARAMETERS = 23_332_739  # [1, inf) the original's parameter count (ORIGINAL.md section 2)
+PAPER_PARAMETERS = 23_332_739  # [1, inf) the original's parameter count (docs/original.md section 2)
 ADAMW = dict(lr=1e-4, eps=1e-5, weight_decay=0.01)  # the paper preset's optimizer
 
 

@@ -7,7 +7,7 @@
 Every training image is trained once per word of its class (data/class_words.json): the
 conditioning vector is [sinusoidal(t) ; JL(word2vec(word))], with the word half zeroed for
 a random share of samples (classifier-free guidance dropout). ``paper`` reproduces the
-original's settings (ORIGINAL.md section 3) without its defects; ``tiny`` is the recipe
+original's settings (docs/original.md section 3) without its defects; ``tiny`` is the recipe
 that obeys its conditioning after a short CPU run (README, "The tiny recipe"); ``smoke``
 runs in seconds for the tests.
 

@@ -1,4 +1,4 @@
-"""Cosine heat-maps of noise predictions across prompts and timesteps (ORIGINAL.md section 7).
+"""Cosine heat-maps of noise predictions across prompts and timesteps (docs/original.md section 7).
 
 For every image x (labelled images, as in fairface.py; labels are not used), one noise draw
 eps per image (``scoring.image_noise``, keyed by the image id) is shared by every prompt and

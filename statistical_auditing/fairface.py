@@ -1,4 +1,4 @@
-"""ScoreDecomp accuracy on labelled images, beside the ELBO classifier (ORIGINAL.md section 6).
+"""ScoreDecomp accuracy on labelled images, beside the ELBO classifier (docs/original.md section 6).
 
 For each image x (FairFace faces, the test split of the project's six-class data, or any
 labelled Hugging Face dataset such as CIFAR-10) the model itself says which candidate
