@@ -1,4 +1,4 @@
-"""Embedding bias vs output bias over professions (StableBias; ORIGINAL.md section 8).
+"""Embedding bias vs output bias over professions (StableBias; docs/original.md section 8).
 
 For every profession p:
 - embedding bias x: with e(.) the text encoder's output for "a photo of a {p}" (base),
