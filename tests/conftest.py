@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -93,6 +95,22 @@ def _unit_tests_start_no_interpreter(request, monkeypatch):
 
 # ----------------------------------------------------------------------------- shared fixtures
 
+
+
+def kill_when_paused(code: str, args: list[str], stderr_path: Path) -> bool:
+    """Run ``python -c code *args`` (a script that prints "paused" and then blocks at the moment a
+    test wants to kill it), read its stdout until that line, then SIGKILL it: a kill at a known
+    point, whatever the machine's speed. Returns whether it paused (False: it ended first)."""
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, text=True,
+                                   stdout=subprocess.PIPE, stderr=stderr)
+        backstop = threading.Timer(600, process.kill)  # a hung child ends the wait below, not the suite
+        backstop.start()
+        paused = any(line.strip() == "paused" for line in process.stdout)  # stops reading at "paused"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        backstop.cancel()
+    return paused
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:

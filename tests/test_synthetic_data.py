@@ -1,15 +1,11 @@
 import filecmp
 import json
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import REPO, kill_when_paused, run_script
 
 SCRIPT = "diffusion_from_scratch/synthetic_data.py"
 CLASSES = {"man", "woman", "male_nurse", "female_nurse", "male_phil", "female_phil"}
@@ -74,15 +70,7 @@ synthetic_data.main(sys.argv[1:])
 def test_rerun_completes_after_kill_9(tmp_path):
     out = tmp_path / "killed"
     args = ["--out", str(out), "--per_class", "60", "--sizes", "32,64"]
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", PAUSED_GENERATOR, *args], cwd=REPO, text=True,
-                                   stdout=subprocess.PIPE, stderr=stderr)
-        backstop = threading.Timer(600, process.kill)  # a hung generator ends the wait below, not the suite
-        backstop.start()
-        paused = any(line.strip() == "paused" for line in process.stdout)  # stops reading at "paused"
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        backstop.cancel()
+    paused = kill_when_paused(PAUSED_GENERATOR, args, tmp_path / "stderr.txt")
     assert paused, "the generator ended without pausing:\n" + (tmp_path / "stderr.txt").read_text()[-3000:]
     # killed between the write of image 21's first file and its rename: 20 images in 2 sizes, one temporary
     assert len(png_files(out)) == 40 and len(list(out.rglob("*.tmp"))) == 1

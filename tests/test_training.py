@@ -3,17 +3,15 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script
+from conftest import REPO, kill_when_paused, run_script
 from diffusion_from_scratch import ddpm_conditional
 from diffusion_from_scratch.cli import InputError, config_from_constants
 from diffusion_from_scratch.ddpm_conditional import (PRESETS, constants_of, epoch_plan, lr_scheduler, lr_scheduler_at,
@@ -334,15 +332,7 @@ def test_kill_9_then_bare_resume_gives_the_same_weights(tmp_path, small_dataset)
     straight = tmp_path / "straight"
     run_script(SCRIPT, *common, "--run_dir", str(straight))
     killed = tmp_path / "killed"
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", PAUSED_TRAINING, *common, "--run_dir", str(killed)],
-                                   cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=stderr)
-        backstop = threading.Timer(600, process.kill)  # a hung run ends the wait below, not the suite
-        backstop.start()
-        paused = any(line.strip() == "paused" for line in process.stdout)  # stops reading at "paused"
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        backstop.cancel()
+    paused = kill_when_paused(PAUSED_TRAINING, [*common, "--run_dir", str(killed)], tmp_path / "stderr.txt")
     assert paused, "the run ended without pausing:\n" + (tmp_path / "stderr.txt").read_text()[-3000:]
     stopped_at = int((killed / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert stopped_at == 3  # the first checkpoint
