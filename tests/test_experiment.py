@@ -25,11 +25,11 @@ def _dangling_image_links(folder):
 
 
 @pytest.fixture(scope="module")
-def audited_run(tmp_path_factory, smoke_run):
-    """A copy of the session's smoke run, audited with the smoke preset."""
+def audited_run(tmp_path_factory, audited_smoke_run):
+    """A copy of the session's audited smoke run (conftest: audited once per session), which these
+    tests may write into."""
     run = tmp_path_factory.mktemp("audited") / "run"
-    shutil.copytree(smoke_run, run)
-    run_script("statistical_auditing/audit.py", "--run", str(run), "--preset", "smoke", "--num_threads", "1")
+    shutil.copytree(audited_smoke_run, run)
     return run
 
 
