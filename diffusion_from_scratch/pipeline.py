@@ -314,6 +314,28 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 RUN_CONFIG_KEYS = ("train", "unet", "words", "num_train_timesteps", "beta_schedule", "prediction")
 
 
+# Training settings that are not the recipe: the run's identity (its arm, JL seed and training seed),
+# where its files were, which follow from those (conditioning_sha256), and how the machine ran it.
+IDENTITY_KEYS = ("debias", "jl_seed", "seed")
+NOT_RECIPE_KEYS = ("run_dir", "dataset_path", "class_words", "conditioning_sha256", "num_threads", "resume", "device",
+                   "wandb")
+
+
+def training_recipe(training: dict) -> dict:
+    """The settings of a run's config.json that must agree between runs pooled together: every
+    top-level and ``train`` setting except IDENTITY_KEYS and NOT_RECIPE_KEYS (and their
+    ``*_sha256``). ``class_words`` of ``train`` is the word file's path; its content is the
+    top-level ``class_words`` table, which is compared."""
+    def kept(key: str, top: bool) -> bool:
+        if top and key in ("train", "class_words"):  # compared key by key; the class words table itself
+            return key == "class_words"
+        return not {key, key.removesuffix("_sha256")} & {*IDENTITY_KEYS, *NOT_RECIPE_KEYS}
+
+    recipe = {key: value for key, value in training.items() if kept(key, True)}
+    train = training.get("train") if isinstance(training.get("train"), dict) else {}
+    return recipe | {f"train.{key}": value for key, value in train.items() if kept(key, False)}
+
+
 def read_run_config(path: Path) -> dict:
     """A run's config.json; a missing, truncated or foreign file raises InputError naming it."""
     try:

@@ -56,6 +56,7 @@ import numpy as np
 
 from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
+from diffusion_from_scratch.pipeline import training_recipe
 from diffusion_from_scratch.utils import (atomic_write_text, compact_csv_text, load_json, load_word_list,
                                           read_csv_table, read_text_file, require_writable, writable_folder)
 from statistical_auditing import experiment_stats as E
@@ -144,28 +145,6 @@ def load_run(entry: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- do the runs belong together?
-# Training settings that are not the recipe: the run's identity (its arm, JL seed and training seed),
-# where its files were, which follow from those (conditioning_sha256), and how the machine ran it.
-IDENTITY_KEYS = ("debias", "jl_seed", "seed")
-NOT_RECIPE_KEYS = ("run_dir", "dataset_path", "class_words", "conditioning_sha256", "num_threads", "resume", "device",
-                   "wandb")
-
-
-def training_recipe(training: dict) -> dict:
-    """The settings of a run's config.json that must agree between runs pooled together: every
-    top-level and ``train`` setting except IDENTITY_KEYS and NOT_RECIPE_KEYS (and their
-    ``*_sha256``). ``class_words`` of ``train`` is the word file's path; its content is the
-    top-level ``class_words`` table, which is compared."""
-    def kept(key: str, top: bool) -> bool:
-        if top and key in ("train", "class_words"):  # compared key by key; the class words table itself
-            return key == "class_words"
-        return not {key, key.removesuffix("_sha256")} & {*IDENTITY_KEYS, *NOT_RECIPE_KEYS}
-
-    recipe = {key: value for key, value in training.items() if kept(key, True)}
-    train = training.get("train") if isinstance(training.get("train"), dict) else {}
-    return recipe | {f"train.{key}": value for key, value in train.items() if kept(key, False)}
-
-
 def run_identity(run: dict) -> tuple:
     train = run["training"].get("train") if isinstance(run["training"].get("train"), dict) else {}
     return (run["arm"], run["jl_seed"], train.get("seed"), json.dumps(training_recipe(run["training"]), sort_keys=True))

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
+from diffusion_from_scratch.pipeline import IDENTITY_KEYS, export_weights, read_run_config, training_recipe
 from diffusion_from_scratch.utils import REPO_ROOT, atomic_write_json, atomic_write_text, load_json
 
 # ----------------------------------------------------------------------------- config
@@ -37,19 +38,16 @@ WEIGHTS = True  # also keep the EMA weights (half precision, ~7 MB for the tiny 
 KEPT_SUFFIXES = (".csv", ".json", ".md")  # what is kept of a run, besides KEPT_IMAGES
 KEPT_IMAGES = ("loss.png", "audit/samples_g1.png")  # the loss curve and the model's own (guidance 1) samples
 NOT_KEPT = ("audit/controls.json", "metrics.csv")  # per-image / per-step records (controls.csv, loss.png sum them up)
-IDENTITY_KEYS = ("debias", "jl_seed", "seed")  # with the recipe, what makes two run folders the same run
 MARKER = "kept.json"  # written last: the copy is complete
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^()\s]+)\)")  # ![alt](target) in a report
 
 
 def run_identity(config: dict) -> dict:
-    """The identity of a run from its config.json: the design's keys and the training recipe
-    (every other training setting; where the run's files and data lie is not identity)."""
-    train = config.get("train", config)
-    return {key: train.get(key, config.get(key)) for key in IDENTITY_KEYS} | {
-        "recipe": {key: value for key, value in sorted(train.items())
-                   if key not in IDENTITY_KEYS + ("run_dir", "dataset_path", "resume", "num_threads", "device",
-                                                  "wandb", "class_words", "embedding")}}
+    """The identity of a run from its config.json: the design's keys (pipeline.IDENTITY_KEYS) and
+    the training recipe (pipeline.training_recipe: every other training setting, the same one the
+    combine compares; where the run's files and data lie is not identity)."""
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    return {key: train.get(key, config.get(key)) for key in IDENTITY_KEYS} | {"recipe": training_recipe(config)}
 
 
 def portable_text(text: str, run_dir: Path) -> str:
@@ -113,8 +111,6 @@ def check_destination(kept: Path, identity: dict) -> None:
 
 def keep_run(run_dir: Path, dest: Path, records: Path | None, weights: bool) -> Path:
     """Copy a finished run's small outputs (and optionally its weights) to ``dest/<run name>``."""
-    from diffusion_from_scratch.pipeline import export_weights, read_run_config
-
     config = read_run_config(run_dir / "config.json")
     kept = dest / run_dir.name
     check_destination(kept, run_identity(config))
