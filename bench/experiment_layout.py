@@ -32,8 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main  # noqa: E402
-from diffusion_from_scratch.utils import atomic_write_text, cpu_name, csv_text  # noqa: E402
+from bias_begets_bias.cli import config_from_constants, constants_of, require, run_main  # noqa: E402
+from bias_begets_bias.utils import atomic_write_text, cpu_name, csv_text  # noqa: E402
 
 STEPS = 600  # [1, inf) training steps of each measured script run (includes a checkpoint every 200)
 WARMUP = 50  # [0, inf) first steps left out of a script run's rate (allocator, caches)

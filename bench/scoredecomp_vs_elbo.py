@@ -29,8 +29,8 @@ from typing import Any
 
 from scipy.stats import binomtest
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import atomic_write_text, csv_text
+from bias_begets_bias.cli import InputError, config_from_constants, constants_of, require, run_main
+from bias_begets_bias.utils import atomic_write_text, csv_text
 from statistical_auditing import fairface as ff
 
 RUN = "runs/demo"  # trained from-scratch run folder (diffusion_from_scratch/ddpm_conditional.py)

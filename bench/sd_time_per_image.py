@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import REPO_ROOT, atomic_write_text, csv_text
-from statistical_auditing.diffusion_classifier import elbo_classify
-from statistical_auditing import cli_common
-from statistical_auditing.scoring import batch_noise, scoredecomp_scores
-from statistical_auditing.sd_models import SDComponents, StableDiffusionScoreModel, resolve_device, resolve_dtype
+from bias_begets_bias.cli import config_from_constants, constants_of, require, run_main
+from bias_begets_bias.utils import REPO_ROOT, atomic_write_text, csv_text
+from statistical_auditing.core.elbo import elbo_classify
+from statistical_auditing.sd_audits import cli_common
+from statistical_auditing.core.scoring import batch_noise, scoredecomp_scores
+from bias_begets_bias.hub import resolve_device, resolve_dtype
+from statistical_auditing.sd_audits.sd_models import SDComponents, StableDiffusionScoreModel
 
 RESOLUTION = cli_common.SD_RESIZE  # [1, inf) image side in pixels (fairface.py's SD default: 224, the original's; SD 2.1: 768)
 IMAGES = 2  # [1, inf) images timed per method (one at a time, as a batch of 1)

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, run_main
-from diffusion_from_scratch.utils import atomic_write_text, csv_text
-from statistical_auditing.utils_classifier import simplex_least_squares
+from bias_begets_bias.cli import InputError, config_from_constants, constants_of, run_main
+from bias_begets_bias.utils import atomic_write_text, csv_text
+from statistical_auditing.core.utils_classifier import simplex_least_squares
 
 CVXPY_IMAGES = 20  # [1, inf) problems solved one by one with cvxpy per configuration
 BATCH = 256  # [1, inf) problems solved together by our solver per configuration (timed per image)

@@ -43,9 +43,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_from_scratch import ddpm_conditional
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.modules import ConditionalUNet, SelfAttention, UNetConfig
-from diffusion_from_scratch.utils import atomic_write_text, cpu_name, csv_text, progress_bar
+from bias_begets_bias.cli import InputError, config_from_constants, constants_of, require, run_main
+from bias_begets_bias.modules import ConditionalUNet, SelfAttention, UNetConfig
+from bias_begets_bias.utils import atomic_write_text, cpu_name, csv_text, progress_bar
 
 CONFIGS = "paper-b8,original-b8,paper-b50,tiny"  # comma-separated: paper-b<N> | original-b<N> | tiny
 STEPS = 3  # [1, inf) timed training steps per configuration (the median is reported)

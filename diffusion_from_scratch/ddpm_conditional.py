@@ -39,16 +39,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 
-from diffusion_from_scratch.cli import (InputError, check_ranges, config_from_constants, constants_of,
+from bias_begets_bias.cli import (InputError, check_ranges, config_from_constants, constants_of,
                                     parse_number_list, require, run_main)
-from diffusion_from_scratch.modules import EMA, ConditionalUNet, UNetConfig
-from diffusion_from_scratch.word_vectors import DEBIAS_MODES, SOURCES
-from diffusion_from_scratch.pipeline import (DDPM_VARIANCES, SAMPLERS, grad_scaler_state, latest_checkpoint,
+from bias_begets_bias.modules import EMA, ConditionalUNet, UNetConfig
+from bias_begets_bias.word_vectors import DEBIAS_MODES, SOURCES
+from bias_begets_bias.pipeline import (DDPM_VARIANCES, SAMPLERS, grad_scaler_state, latest_checkpoint,
                                              load_checkpoint, min_snr_weight, optimizer_state, prefixed,
                                              read_run_config, remove_orphaned_checkpoints, restore_grad_scaler,
                                              sample, sampling_scheduler, save_checkpoint, sha256_hex, train_scheduler,
                                              training_timesteps)
-from diffusion_from_scratch.utils import (DATA_DIR, IMAGE_SUFFIXES, atomic_write_bytes, atomic_write_json,
+from bias_begets_bias.utils import (DATA_DIR, IMAGE_SUFFIXES, atomic_write_bytes, atomic_write_json,
                                           atomic_write_text, csv_text, derived_seed, file_sha256, load_class_words,
                                           load_json, load_split, progress_bar, record_path, remove_orphaned_temporaries,
                                           require_memory, require_writable, resolve_device, resolve_recorded_path,
@@ -367,7 +367,7 @@ def say(message: str) -> None:
 def saved_settings(config_path: Path, cfg: dict) -> dict:
     """The ``train`` block of a run's config.json, completed for settings added since it was
     saved (LEGACY_DEFAULTS: what such runs did; else this command's value)."""
-    from diffusion_from_scratch.word_vectors import debias_mode
+    from bias_begets_bias.word_vectors import debias_mode
 
     saved = read_run_config(config_path)["train"]
     if not isinstance(saved, dict):
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> Path:
                                   for split, labels in (("train", train_labels), ("test", val_labels))},
                   cfg["class_balance"])
 
-    from diffusion_from_scratch.word_vectors import word_table
+    from bias_begets_bias.word_vectors import word_table
     table, jl = word_table(vocabulary, source=cfg["embedding"], debias=cfg["debias"], jl_seed=cfg["jl_seed"],
                            dim=cfg["jl_dim"])
     table = torch.from_numpy(np.asarray(table, dtype=np.float32))

@@ -12,16 +12,16 @@ A run that fails this control must not be trusted on unseen words.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from diffusion_from_scratch.cli import config_from_constants, constants_of, parse_number_list, run_main
-from diffusion_from_scratch.pipeline import (AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS, TrainedRun, sample,
+from bias_begets_bias.cli import config_from_constants, constants_of, parse_number_list, run_main
+from bias_begets_bias.pipeline import (AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS, TrainedRun, sample,
                                              sampling_scheduler)
-from diffusion_from_scratch.portraits import SCENES, attributes_from_prompt, measure_attributes
-from diffusion_from_scratch.utils import (atomic_write_text, check_output_folder, claim_output_folder, csv_text,
+from bias_begets_bias.fidelity_bar import AcceptanceBar, expected_shares, fidelity_row, format_table
+from bias_begets_bias.portraits import measure_attributes
+from bias_begets_bias.utils import (atomic_write_text, check_output_folder, claim_output_folder, csv_text,
                                           derived_seed, load_prompts, record_path, require_memory, resolve_device,
                                           run_identity, save_image_grid, writable_folder)
 
@@ -37,69 +37,16 @@ SEED = 0  # [0, 2**63) sampling seed
 DEVICE = ""  # empty = the accelerator if there is one, else cpu
 OUT = ""  # output folder (empty = <run>/fidelity)
 
-# The acceptance bar (issue: "The tiny preset must obey its conditioning"), checked at guidance 1.
-BAR_MAX_LONG_MAN = 0.05  # [0, 1]
-BAR_MIN_LONG_WOMAN = 0.95  # [0, 1]
-BAR_MIN_HAIR_CALLED = 0.95  # [0, 1] long or short; "none" and "unclear" count against it
-BAR_MIN_SCENE = {"nurse": ("hospital", 0.90), "philosopher": ("library", 0.90)}
-BAR_SCENE_TOLERANCE = 0.12  # [0, 1] for man, woman, person: every scene share within 12 points
-BAR_SCENE_WORDS = ("man", "woman", "person")
-
-
-def expected_shares(class_words: dict[str, list[str]], prompts: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Share of long hair and of each scene that the training data teaches each word.
-
-    A word's training images are the images of every class listing it, counted once per
-    listing (``man`` appears twice for the class ``man``), with equal images per class.
-    """
-    counts: dict[str, Counter] = {}
-    for class_name, words in class_words.items():
-        attributes = attributes_from_prompt(prompts[class_name])
-        for word in words:
-            counter = counts.setdefault(word, Counter())
-            counter["n"] += 1
-            counter["long"] += attributes["hair"] == "long"
-            counter[attributes["scene"]] += 1
-    return {word: {key: c[key] / c["n"] for key in ("long",) + SCENES} for word, c in counts.items()}
-
-
-def measure(attributes: list[dict[str, str]]) -> dict[str, float]:
-    """Shares of the per-image ``portraits.measure_attributes`` calls: hair called (long or
-    short; "none" and "unclear" are not), long hair among the called, and each scene plus
-    "unclear" over all images (an unclear scene counts against every scene's share)."""
-    n = len(attributes)
-    with_hair = [a for a in attributes if a["hair"] in ("long", "short")]
-    shares = {"n": n, "hair_called": len(with_hair) / n,
-              "long": sum(a["hair"] == "long" for a in with_hair) / max(1, len(with_hair)),
-              "n_with_hair": len(with_hair), "n_long": sum(a["hair"] == "long" for a in with_hair),
-              "hair_unclear": sum(a["hair"] == "unclear" for a in attributes) / n}
-    for scene in SCENES + ("unclear",):
-        shares[scene] = sum(a["scene"] == scene for a in attributes) / n
-    return shares
-
-
-def bar_failures(word: str, shares: dict[str, float], expected: dict[str, float]) -> list[str]:
-    """Which criteria of the acceptance bar a word's measured shares miss (at guidance 1)."""
-    failures = []
-    if shares["hair_called"] < BAR_MIN_HAIR_CALLED:
-        failures.append(f"hair called {shares['hair_called']:.1%} < {BAR_MIN_HAIR_CALLED:.0%}")
-    if word == "man" and shares["long"] > BAR_MAX_LONG_MAN:
-        failures.append(f"long hair {shares['long']:.1%} > {BAR_MAX_LONG_MAN:.0%}")
-    if word == "woman" and shares["long"] < BAR_MIN_LONG_WOMAN:
-        failures.append(f"long hair {shares['long']:.1%} < {BAR_MIN_LONG_WOMAN:.0%}")
-    if word in BAR_MIN_SCENE:
-        scene, minimum = BAR_MIN_SCENE[word]
-        if shares[scene] < minimum:
-            failures.append(f"{scene} {shares[scene]:.1%} < {minimum:.0%}")
-    if word in BAR_SCENE_WORDS:
-        for scene in SCENES:
-            if abs(shares[scene] - expected[scene]) > BAR_SCENE_TOLERANCE:
-                failures.append(f"{scene} {shares[scene]:.1%} vs {expected[scene]:.0%} expected")
-    return failures
+# The acceptance bar at guidance 1 (bias_begets_bias.fidelity_bar.AcceptanceBar has the rest of it).
+BAR_MAX_LONG_MAN = AcceptanceBar.max_long_man  # [0, 1] long hair among "man"'s called images at most this
+BAR_MIN_LONG_WOMAN = AcceptanceBar.min_long_woman  # [0, 1] long hair among "woman"'s called images at least this
+BAR_MIN_HAIR_CALLED = AcceptanceBar.min_hair_called  # [0, 1] long or short; "none" and "unclear" count against it
+BAR_SCENE_TOLERANCE = AcceptanceBar.scene_tolerance  # [0, 1] for man, woman, person: every scene share within this
 
 
 def evaluate(run: TrainedRun, words: list[str], n_per_word: int, guidances: list[float], sampler: str,
-             steps: int, seed: int, batch_size: int, out: Path | None = None) -> list[dict]:
+             steps: int, seed: int, batch_size: int, out: Path | None = None,
+             bar: AcceptanceBar = AcceptanceBar()) -> list[dict]:
     """Sample, measure and compare; one row per (word, guidance). Saves a grid per guidance."""
     expected = expected_shares(run.config["class_words"], load_prompts())
     vectors = run.word_vectors(words)
@@ -115,32 +62,13 @@ def evaluate(run: TrainedRun, words: list[str], n_per_word: int, guidances: list
             save_image_grid(grid, out / f"samples_guidance{guidance:g}.png", nrow=min(8, n_per_word), labels=words)
         for i, word in enumerate(words):
             attributes = measure_attributes(images[i * n_per_word:(i + 1) * n_per_word])
-            rows.append(fidelity_row(word, guidance, attributes, expected) | {"sampling_seconds": seconds})
+            rows.append(fidelity_row(word, guidance, attributes, expected, bar) | {"sampling_seconds": seconds})
     return rows
 
 
-def fidelity_row(word: str, guidance: float, attributes: list[dict[str, str]],
-                 expected: dict[str, dict[str, float]]) -> dict:
-    """Measured shares of one word's samples (their ``measure_attributes``), what its data teaches
-    (if it is a training word) and the bar's verdict at guidance 1 ("pass", "FAIL: ..." or "" at
-    other scales)."""
-    shares = measure(attributes)
-    target = expected.get(word)
-    failures = bar_failures(word, shares, target) if (target and guidance == 1.0) else []
-    return {"word": word, "guidance": guidance, **shares, **{f"expected_{k}": v for k, v in (target or {}).items()},
-            "bar": ("pass" if not failures else "FAIL: " + "; ".join(failures)) if guidance == 1.0 else ""}
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["| word | guidance | n | hair called | long hair | neutral / hospital / library / unclear | expected long, scenes | bar (guidance 1) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        expected = (f"{r['expected_long']:.0%}, {r['expected_neutral']:.0%} / {r['expected_hospital']:.0%} / "
-                    f"{r['expected_library']:.0%}") if "expected_long" in r else "-"
-        lines.append(f"| {r['word']} | {r['guidance']:g} | {r['n']} | {r['hair_called']:.0%} | {r['long']:.0%} | "
-                     f"{r['neutral']:.0%} / {r['hospital']:.0%} / {r['library']:.0%} / {r['unclear']:.0%} | {expected} | "
-                     f"{r['bar']} |")
-    return "\n".join(lines)
+def bar_from_config(cfg: dict) -> AcceptanceBar:
+    return AcceptanceBar(max_long_man=cfg["bar_max_long_man"], min_long_woman=cfg["bar_min_long_woman"],
+                         min_hair_called=cfg["bar_min_hair_called"], scene_tolerance=cfg["bar_scene_tolerance"])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -159,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    * 4 * 4, f"--n_per_word {cfg['n_per_word']} / --batch_size {cfg['batch_size']}")
     claim_output_folder(out, **owner)
     rows = evaluate(run, list(run.words), cfg["n_per_word"], guidances, cfg["sampler"], cfg["sample_steps"], cfg["seed"],
-                    cfg["batch_size"], out)
+                    cfg["batch_size"], out, bar_from_config(cfg))
     table = format_table(rows)
     atomic_write_text(out / "fidelity.md", f"Run {record_path(run.run_dir, run.run_dir.parent)} at step {run.step}, "
                                            f"{cfg['sampler']} {cfg['sample_steps']} steps, seed {cfg['seed']}\n\n{table}\n")

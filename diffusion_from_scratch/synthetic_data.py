@@ -15,7 +15,6 @@ finished images and writes the manifest once the set is complete. Shard the work
 from __future__ import annotations
 
 import io
-import os
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.portraits import RENDER_SIZE, attributes_from_prompt, render_portrait
-from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_bytes, atomic_write_json, derived_seed, load_json,
+from bias_begets_bias.cli import InputError, config_from_constants, constants_of, parse_shard, require, run_main
+from bias_begets_bias.portraits import RENDER_SIZE, attributes_from_prompt, render_portrait
+from bias_begets_bias.utils import (DATA_DIR, atomic_write_bytes, atomic_write_json, derived_seed, load_json,
                                           load_prompts, remove_orphaned_temporaries, require_disk, require_memory,
                                           require_writable, resolve_device, to_rgb8, write_jsonl, progress_bar,
                                           writable_folder)
@@ -71,17 +70,6 @@ def parse_sizes(text: str, native: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    if not text:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard: expected i/n such as 0/4, got {text!r}") from None
-    require(count >= 1 and 0 <= index < count, f"--shard: need 0 <= i < n, got {text!r}")
-    return index, count
-
-
 # ----------------------------------------------------------------------------- image sources
 class ProceduralSource:
     """The built-in portrait renderer: attributes parsed from each prompt."""
@@ -106,7 +94,7 @@ class StableDiffusionSource:
     def __init__(self, model: str, steps: int, dtype_name: str, device: torch.device):
         from diffusers import DPMSolverSDEScheduler, StableDiffusionPipeline
 
-        from statistical_auditing.sd_models import resolve_pipeline_folder
+        from bias_begets_bias.hub import resolve_pipeline_folder
 
         try:
             folder = resolve_pipeline_folder(model)

@@ -61,26 +61,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
+from bias_begets_bias.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
                                     require, run_main)
-from diffusion_from_scratch.fidelity import expected_shares, fidelity_row, format_table
-from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
-from diffusion_from_scratch.portraits import SCENES, measure_attributes
-from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
-                                          claim_output_folder, compact_csv_text, derived_seed, load_class_words,
-                                          load_json, load_prompts, load_word_list, progress_bar, record_path,
-                                          recorded_flags, require_disk, require_memory, resolve_device,
-                                          resolve_recorded_path, run_identity, save_image_grid, writable_folder)
-from diffusion_from_scratch.word_vectors import embedding_bias, load_word_vectors, pick_unseen, vocabulary_form
-from statistical_auditing.diffusion_classifier import elbo_classify
-from statistical_auditing.experiment_stats import hierarchical_regression, pooled_share
-from statistical_auditing.labelled_images import CLASS_WORDS, images_to_tensor, open_labelled_images
-from statistical_auditing.sampling import (CANDIDATES, FEMALE, MALE, METHOD_NAMES, UNDECIDED, X_VARIANTS,
+from bias_begets_bias.fidelity_bar import expected_shares, fidelity_row, format_table
+from bias_begets_bias.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
+from bias_begets_bias.portraits import SCENES, measure_attributes
+from bias_begets_bias.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
+                                          claim_output_folder, compact_csv_text, dataset_source, derived_seed,
+                                          load_class_words, load_prompts, load_word_list, progress_bar, record_path,
+                                          recorded_flags, require_disk, require_memory, resolve_dataset,
+                                          resolve_device, run_identity, save_image_grid, writable_folder)
+from bias_begets_bias.word_vectors import embedding_bias, load_word_vectors, pick_unseen, vocabulary_form
+from statistical_auditing.core.elbo import elbo_classify
+from statistical_auditing.from_scratch.experiment_stats import hierarchical_regression, pooled_share
+from statistical_auditing.core.labelled_images import CLASS_WORDS, images_to_tensor, open_labelled_images
+from statistical_auditing.from_scratch.sampling import (CANDIDATES, FEMALE, MALE, METHOD_NAMES, UNDECIDED, X_VARIANTS,
                                            cached_samples, hair_calls, run_fingerprint, scoredecomp_calls,
                                            share_of_calls)
-from statistical_auditing.score_models import PixelScoreModel
-from statistical_auditing.scoring import choose_k, decide, scores_by_k
-from statistical_auditing.stats import binary_auc, calibrated_threshold, plot_proportions, plot_regression, \
+from statistical_auditing.core.score_models import PixelScoreModel
+from statistical_auditing.core.scoring import choose_k, decide, scores_by_k
+from statistical_auditing.core.stats import binary_auc, calibrated_threshold, plot_proportions, plot_regression, \
     wilson_interval
 
 # ----------------------------------------------------------------------------- config
@@ -174,33 +174,6 @@ def clear_previous_outputs(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- inputs
-def resolve_dataset(run_config: dict, override: str, run_dir: Path | None = None) -> Path:
-    """The run's ``<root>/<size>`` dataset folder: --dataset_path as given, else the run's
-    recorded dataset_path (relative to the repository, else to the run folder; an older run's
-    absolute path from another machine falls back to the same place under data/:
-    ``utils.resolve_recorded_path``)."""
-    text = override or run_config.get("dataset_path", "")
-    require(bool(text), "the run's config.json has no dataset_path; pass --dataset_path")
-    path = Path(text).expanduser()
-    for candidate in ((path,) if override else ()) + (resolve_recorded_path(text, run_dir),):
-        if candidate.is_dir():
-            return candidate
-    flag = "--dataset_path" if override else "the run's dataset_path"
-    raise InputError(f"{flag}: dataset folder {text} does not exist (expected <root>/<size>/test/<class>/*.png); "
-                     f"pass --dataset_path")
-
-
-def dataset_source(dataset: Path) -> str | None:
-    """``source`` in ``<dataset root>/dataset.json`` (procedural / stable-diffusion), None if unknown."""
-    path = dataset.parent / "dataset.json"
-    if not path.exists():
-        return None
-    settings = load_json(path)
-    if not isinstance(settings, dict):
-        raise InputError(f"{path}: expected a JSON object of the dataset's settings (synthetic_data.py writes it)")
-    return settings.get("source")
-
-
 def load_test_images(dataset: Path, class_words: dict, image_size: int, limit: int, out: Path
                      ) -> tuple[torch.Tensor, list[str], list[str]]:
     """The held-out test split as (N, 3, S, S) floats in [0, 1], gender labels and image ids.
@@ -464,7 +437,7 @@ def write_report(out: Path, ctx: dict) -> None:
                         + (f" (threshold {info['threshold']:+.4f})" if cfg["call"] == "calibrated" else "")),
         ("ELBO classifier", f"{cfg['elbo_samples']} timesteps per image" if ctx["elbo"] else "off"),
         ("seeds", f"base seed {cfg['seed']}; sampling seeds and per-image noise keys derived from it "
-                  f"(diffusion_from_scratch.utils.derived_seed); bootstrap seed {cfg['seed']}, {cfg['n_boot']} "
+                  f"(bias_begets_bias.utils.derived_seed); bootstrap seed {cfg['seed']}, {cfg['n_boot']} "
                   f"resamples"),
         ("device", str(ctx["device"])),
         ("samples", f"{ctx['sampled']} sample sets sampled now, {ctx['cached']} read from the cache"),
@@ -656,7 +629,7 @@ def main(argv: list[str] | None = None) -> dict:
     classifier = None
     if procedural and cfg["instrument"]:
         with timer("second instrument: attribute classifier"):
-            from diffusion_from_scratch.attribute_classifier import load_or_train
+            from bias_begets_bias.attribute_classifier import load_or_train
 
             classifier = load_or_train(dataset, run.model.config.image_size)
     claim_output_folder(out, **owner)

@@ -54,13 +54,13 @@ from typing import Sequence
 
 import numpy as np
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
+from bias_begets_bias.cli import (InputError, config_from_constants, constants_of, parse_number_list, require,
                                     run_main)
-from diffusion_from_scratch.pipeline import training_recipe
-from diffusion_from_scratch.utils import (atomic_write_text, compact_csv_text, load_json, load_word_list,
+from bias_begets_bias.pipeline import training_recipe
+from bias_begets_bias.utils import (atomic_write_text, compact_csv_text, load_json, load_word_list,
                                           read_csv_table, read_text_file, require_writable, writable_folder)
-from statistical_auditing import experiment_stats as E
-from statistical_auditing.sampling import METHOD_NAMES, X_VARIANTS
+from statistical_auditing.from_scratch import experiment_stats as E
+from statistical_auditing.from_scratch.sampling import METHOD_NAMES, X_VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 OWNER_FILE = ".owner.json"  # marks --out as this script's output, so a rerun may replace it
@@ -421,7 +421,7 @@ def jl_shift_rows(words: Sequence[str], source: str, seeds: Sequence[int], dims:
     the run's projection (jl_matrix) and the shift (experiment_stats.jl_gap_shifts). The vectors
     before the projection are the float32 ones training projects; the rest is float64 with fixed-
     order sums, so the table is the same whatever OMP_NUM_THREADS or MKL_NUM_THREADS say."""
-    from diffusion_from_scratch.word_vectors import (FEMALE_WORD, MALE_WORD, debiased_vectors, jl_matrix,
+    from bias_begets_bias.word_vectors import (FEMALE_WORD, MALE_WORD, debiased_vectors, jl_matrix,
                                                      load_word_vectors)
 
     wv = load_word_vectors(source)
@@ -441,7 +441,7 @@ def jl_shift_rows(words: Sequence[str], source: str, seeds: Sequence[int], dims:
 def jl_shifts(runs: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
     """Projection-only gap shifts over all usable professions (no training involved), from the
     runs' word list as this repository holds it (checked against each run in words_file_of)."""
-    from diffusion_from_scratch.word_vectors import load_word_vectors, vocabulary_form
+    from bias_begets_bias.word_vectors import load_word_vectors, vocabulary_form
 
     words_file = runs[0]["words_file"]
     if not words_file:  # the audits named no word list (--words): nothing to measure
@@ -490,7 +490,7 @@ def lipschitz_table(included: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- plots
 def plot_regressions(included: list[dict], arm_fits: dict, guidance: float, method: str, path: Path) -> None:
-    from statistical_auditing.stats import pyplot, save_figure_atomically
+    from statistical_auditing.core.stats import pyplot, save_figure_atomically
 
     plt = pyplot()
     arms = list(dict.fromkeys(r["arm"] for r in included))
@@ -524,7 +524,7 @@ def plot_regressions(included: list[dict], arm_fits: dict, guidance: float, meth
 
 
 def plot_jl_shifts(shift_rows: list[dict], included: list[dict], guidance: float, method: str, path: Path) -> None:
-    from statistical_auditing.stats import pyplot, save_figure_atomically
+    from statistical_auditing.core.stats import pyplot, save_figure_atomically
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -555,7 +555,7 @@ def plot_jl_shifts(shift_rows: list[dict], included: list[dict], guidance: float
 
 
 def plot_dose(points: list[dict], path: Path) -> None:
-    from statistical_auditing.stats import pyplot, save_figure_atomically
+    from statistical_auditing.core.stats import pyplot, save_figure_atomically
 
     plt = pyplot()
     methods = list(dict.fromkeys(p["method"] for p in points))

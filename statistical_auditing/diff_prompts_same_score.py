@@ -30,17 +30,17 @@ from typing import Any, Sequence
 
 import torch
 
-from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import (atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text,
+from bias_begets_bias.cli import config_from_constants, constants_of, require, run_main
+from bias_begets_bias.utils import (atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text,
                                           progress_bar, require_writable, writable_folder)
-from statistical_auditing import cli_common as cc
-from statistical_auditing.data_flags import (ATTRIBUTE, CLASSES, DATA, DATA_CHOICES, DATA_CONFIG,  # noqa: F401
+from statistical_auditing.sd_audits import cli_common as cc
+from statistical_auditing.sd_audits.data_flags import (ATTRIBUTE, CLASSES, DATA, DATA_CHOICES, DATA_CONFIG,  # noqa: F401
                                              IMAGE_COLUMN, IMAGES_ROOT, KIND, LABEL_COLUMN, RESIZE, SELECTION,
                                              SIZE, SKIP_BAD, SPLIT, TEMPLATE)  # data-source flags, shared
-from statistical_auditing.model_flags import (DEVICE, DTYPE, MODEL, MODEL_CHOICES,  # noqa: F401
+from statistical_auditing.sd_audits.model_flags import (DEVICE, DTYPE, MODEL, MODEL_CHOICES,  # noqa: F401
                                               NUM_INFERENCE_STEPS, SCHEDULER)  # model flags, shared
-from statistical_auditing.score_interface import ScoreModel
-from statistical_auditing.scoring import batch_noise
+from statistical_auditing.core.score_interface import ScoreModel
+from statistical_auditing.core.scoring import batch_noise
 
 NUM_IMAGES = 100  # [1, inf) images averaged over (the original's --num_data)
 PROMPTS = ""  # conditions compared, separated by "," or "|" ("" = --template, else base + gender candidates)

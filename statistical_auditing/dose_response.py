@@ -34,19 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
+from bias_begets_bias.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
                                     require, run_main)
-from diffusion_from_scratch.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
-from diffusion_from_scratch.portraits import measure_attributes
-from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
+from bias_begets_bias.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
+from bias_begets_bias.portraits import measure_attributes
+from bias_begets_bias.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
                                           claim_output_folder, compact_csv_text, derived_seed, load_word_list,
                                           progress_bar, record_path, recorded_flags, require_disk, require_memory,
                                           resolve_device, run_identity, writable_folder)
-from diffusion_from_scratch.word_vectors import (FEMALE_WORD, MALE_WORD, SHIFT_SPACES, conditioning_table,
+from bias_begets_bias.word_vectors import (FEMALE_WORD, MALE_WORD, SHIFT_SPACES, conditioning_table,
                                                  cosine_gap, gender_shifted_table, pick_unseen, unit_rows,
                                                  vocabulary_form)
-from statistical_auditing.experiment_stats import logistic_fit
-from statistical_auditing.sampling import cached_samples, hair_calls, scoredecomp_calls, share_of_calls
+from statistical_auditing.from_scratch.experiment_stats import logistic_fit
+from statistical_auditing.from_scratch.sampling import cached_samples, hair_calls, scoredecomp_calls, share_of_calls
 
 # ----------------------------------------------------------------------------- config
 RUN = "runs/tiny"  # training run folder
@@ -114,7 +114,7 @@ def audit_k(run_dir: Path) -> int:
 
 
 def plot(rows: list[dict], words: list[str], spaces: list[str], path: Path) -> None:
-    from statistical_auditing.stats import pyplot, save_figure_atomically
+    from statistical_auditing.core.stats import pyplot, save_figure_atomically
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(METHODS), figsize=(6 * len(METHODS), 4.5), squeeze=False)
@@ -145,8 +145,8 @@ def plot(rows: list[dict], words: list[str], spaces: list[str], path: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from diffusion_from_scratch.pipeline import TrainedRun
-    from statistical_auditing.score_models import PixelScoreModel
+    from bias_begets_bias.pipeline import TrainedRun
+    from statistical_auditing.core.score_models import PixelScoreModel
 
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])

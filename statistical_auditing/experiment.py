@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ctypes  # noqa: E402
 import fcntl  # noqa: E402
 import importlib  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
@@ -57,9 +56,9 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of,  # noqa: E402
+from bias_begets_bias.cli import (InputError, config_from_constants, constants_of,  # noqa: E402
                                         parse_number_list, require, run_main)
-from diffusion_from_scratch.utils import (REPO_ROOT, atomic_write_json, load_json, require_writable,  # noqa: E402
+from bias_begets_bias.utils import (REPO_ROOT, atomic_write_json, load_json, require_writable,  # noqa: E402
                                           writable_folder)
 
 # ----------------------------------------------------------------------------- config

@@ -51,21 +51,20 @@ from typing import Any
 
 import torch
 
-from diffusion_from_scratch.cli import config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.synthetic_data import parse_shard
-from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, csv_text, progress_bar,
+from bias_begets_bias.cli import config_from_constants, constants_of, parse_shard, require, run_main
+from bias_begets_bias.utils import (atomic_write_json, atomic_write_text, csv_text, progress_bar,
                                           remove_orphaned_temporaries, require_writable, writable_folder)
-from statistical_auditing import cli_common as cc
-from statistical_auditing.data_flags import (ATTRIBUTE, CLASSES, DATA, DATA_CHOICES, DATA_CONFIG,  # noqa: F401
+from statistical_auditing.sd_audits import cli_common as cc
+from statistical_auditing.sd_audits.data_flags import (ATTRIBUTE, CLASSES, DATA, DATA_CHOICES, DATA_CONFIG,  # noqa: F401
                                              IMAGE_COLUMN, IMAGES_ROOT, KIND, LABEL_COLUMN, RESIZE, SELECTION,
                                              SIZE, SKIP_BAD, SPLIT, TEMPLATE)  # data-source flags, shared
-from statistical_auditing.diffusion_classifier import ELBO_LOSSES, elbo_classify
-from statistical_auditing.model_flags import (DEVICE, DTYPE, MODEL, MODEL_CHOICES,  # noqa: F401
+from statistical_auditing.core.elbo import ELBO_LOSSES, elbo_classify
+from statistical_auditing.sd_audits.model_flags import (DEVICE, DTYPE, MODEL, MODEL_CHOICES,  # noqa: F401
                                               NUM_INFERENCE_STEPS, SCHEDULER)  # model flags, shared
-from statistical_auditing.score_interface import ScoreModel
-from statistical_auditing.scoring import batch_noise, decide, scoredecomp_scores
-from statistical_auditing.stats import binary_auc, calibrated_threshold
-from statistical_auditing.utils_classifier import SCORE_METHODS
+from statistical_auditing.core.score_interface import ScoreModel
+from statistical_auditing.core.scoring import batch_noise, decide, scoredecomp_scores
+from statistical_auditing.core.stats import binary_auc, calibrated_threshold
+from statistical_auditing.core.utils_classifier import SCORE_METHODS
 
 NUM_IMAGES = 250  # [1, inf) images evaluated (the original: 250 of its shuffled loader)
 BASE = ""  # base condition ("" = family default: "person" / "photo of a person's face"; with --template: unconditional)

@@ -22,12 +22,11 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.pipeline import IDENTITY_KEYS, export_weights, read_run_config, training_recipe
-from diffusion_from_scratch.utils import REPO_ROOT, atomic_write_json, atomic_write_text, load_json
+from bias_begets_bias.cli import InputError, config_from_constants, constants_of, require, run_main
+from bias_begets_bias.pipeline import IDENTITY_KEYS, export_weights, read_run_config, training_recipe
+from bias_begets_bias.utils import REPO_ROOT, atomic_write_json, atomic_write_text, load_json
 
 # ----------------------------------------------------------------------------- config
 RUN = ""  # the finished run folder to keep

@@ -38,15 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
+from bias_begets_bias.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
                                     parse_number_list, require, run_main)
-from diffusion_from_scratch.utils import (atomic_write_json, atomic_write_text, check_output_folder,
+from bias_begets_bias.utils import (atomic_write_json, atomic_write_text, check_output_folder,
                                           claim_output_folder, compact_csv_text, progress_bar, read_csv_table,
                                           record_path, recorded_flags, require_memory, require_writable,
                                           resolve_device, run_identity)
-from diffusion_from_scratch.word_vectors import gender_shifted_table
-from statistical_auditing.experiment_stats import distinct_rows, lipschitz_ratios
-from statistical_auditing.score_interface import to_epsilon
+from bias_begets_bias.word_vectors import gender_shifted_table
+from statistical_auditing.from_scratch.experiment_stats import distinct_rows, lipschitz_ratios
+from statistical_auditing.core.score_interface import to_epsilon
 
 # ----------------------------------------------------------------------------- config
 RUN = "runs/tiny"  # training run folder
@@ -133,8 +133,8 @@ def dose_outputs(run_dir: Path, word: str, method: str) -> dict[float, float]:
 
 def test_images(run, n: int) -> torch.Tensor:
     """n held-out test images of the run's dataset, round-robin over the classes, in [0, 1]."""
-    from diffusion_from_scratch.utils import load_split
-    from statistical_auditing.audit import resolve_dataset
+    from bias_begets_bias.utils import load_split
+    from bias_begets_bias.utils import resolve_dataset
 
     dataset = resolve_dataset(run.config, "", run.run_dir)
     images, labels = load_split(dataset, "test", list(run.config["classes"]), run.model.config.image_size)
@@ -146,7 +146,7 @@ def test_images(run, n: int) -> torch.Tensor:
 def eps_for_vectors(run, x0: torch.Tensor, timesteps: list[int], vectors: torch.Tensor, seed: int,
                     batch_size: int) -> torch.Tensor:
     """eps(x_t, t, y) for every timestep, image and vector: (T, N, V, D), RMS-normalised (/ sqrt(D))."""
-    from statistical_auditing.scoring import batch_noise
+    from statistical_auditing.core.scoring import batch_noise
 
     model, scheduler = run.model, run.scheduler
     abar = scheduler.alphas_cumprod
@@ -170,7 +170,7 @@ def eps_for_vectors(run, x0: torch.Tensor, timesteps: list[int], vectors: torch.
 
 
 def plot(per_t: list[dict], pairs: list[dict], path: Path) -> None:
-    from statistical_auditing.stats import pyplot, save_figure_atomically
+    from statistical_auditing.core.stats import pyplot, save_figure_atomically
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -200,7 +200,7 @@ def plot(per_t: list[dict], pairs: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from diffusion_from_scratch.pipeline import TrainedRun
+    from bias_begets_bias.pipeline import TrainedRun
 
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])

@@ -32,12 +32,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main
-from diffusion_from_scratch.utils import (DATA_DIR, atomic_write_json, atomic_write_text, csv_text, load_word_list,
+from bias_begets_bias.cli import InputError, config_from_constants, constants_of, require, run_main
+from bias_begets_bias.utils import (DATA_DIR, atomic_write_json, atomic_write_text, csv_text, load_word_list,
                                           progress_bar, require_writable, writable_folder)
-from statistical_auditing.labelled_images import UnreadableImage, decode_image, load_hf_dataset
-from statistical_auditing.sd_models import SDTextEncoder, load_hf_model, resolve_device
-from statistical_auditing.stats import linear_fit_with_bootstrap, plot_regression, proportion_summary
+from statistical_auditing.core.labelled_images import UnreadableImage, decode_image, load_hf_dataset
+from bias_begets_bias.hub import load_hf_model, resolve_device
+from statistical_auditing.sd_audits.sd_models import SDTextEncoder
+from statistical_auditing.core.stats import linear_fit_with_bootstrap, plot_regression, proportion_summary
 
 MODEL = "stabilityai/stable-diffusion-2-1"  # SD pipeline whose text encoder gives the embedding bias (Hub id or folder)
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # zero-shot CLIP that labels the images (Hub id or folder)

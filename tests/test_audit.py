@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import SMOKE_AUDIT
-from diffusion_from_scratch.cli import InputError, run_main
+from bias_begets_bias.cli import InputError, run_main
 from statistical_auditing import audit, combine_audits
-from statistical_auditing.stats import wilson_interval
+from statistical_auditing.core.stats import wilson_interval
 
 # audit.py's smoke preset: 2 seeds x 2 images per seen word and scale, 2 per unseen word, 3 unseen words,
 # 2 sampler steps, k in {1, 10}, 12 labelled test images, 50 bootstrap resamples, no instrument check
@@ -136,7 +136,7 @@ def test_calibrated_call_uses_the_selection_halfs_threshold(audited_smoke_run, t
     shutil.copytree(audited_smoke_run, run)
     summary = audit.main(["--run", str(run)] + TINY + ["--call", "calibrated", "--guidance", "1"])
     controls = json.loads((run / "audit" / "controls.json").read_text())
-    from statistical_auditing.stats import calibrated_threshold
+    from statistical_auditing.core.stats import calibrated_threshold
 
     k = summary["k"]
     margins = [w1 - w0 for w0, w1 in controls["scores"][str(k)]]

@@ -33,7 +33,7 @@ def test_step_flops_of_one_convolution_by_hand(monkeypatch):
     pixel); the backward computes only the weight gradient (the input needs none), as many again."""
     from torch import nn
 
-    from diffusion_from_scratch.modules import UNetConfig
+    from bias_begets_bias.modules import UNetConfig
 
     sys.path.insert(0, str(REPO / "bench"))
     import train_throughput

@@ -1,6 +1,6 @@
 import pytest
 
-from diffusion_from_scratch.cli import InputError, config_from_constants
+from bias_begets_bias.cli import InputError, config_from_constants
 
 CONSTANTS = {"preset": "a", "lr": 0.1, "epochs": 3, "name": "x", "flag": False}
 PRESETS = {"a": {}, "b": {"lr": 0.5, "epochs": 7}}
@@ -39,7 +39,7 @@ import math  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 
-from diffusion_from_scratch.cli import (Range, check_ranges, constants_of, parse_number_list,  # noqa: E402
+from bias_begets_bias.cli import (Range, check_ranges, constants_of, parse_number_list,  # noqa: E402
                                         parse_range)
 
 
@@ -172,7 +172,7 @@ def test_every_flag_of_every_script_is_a_setting_it_reads(module_name):
     an imported code constant (dose_response once took --female_word and ignored it) is not."""
     import importlib
 
-    from diffusion_from_scratch.cli import _declarations
+    from bias_begets_bias.cli import _declarations
 
     module = importlib.import_module(module_name)
     _, imports, assigned = _declarations(module.__file__)
@@ -182,7 +182,7 @@ def test_every_flag_of_every_script_is_a_setting_it_reads(module_name):
 
 
 def test_ctrl_c_says_what_the_script_says_and_exits_130(capsys):
-    from diffusion_from_scratch.cli import run_main
+    from bias_begets_bias.cli import run_main
 
     def interrupted():
         raise KeyboardInterrupt
@@ -199,7 +199,7 @@ def test_sigterm_ends_a_script_like_ctrl_c_and_the_handler_is_restored(capsys):
     import signal
     import time
 
-    from diffusion_from_scratch.cli import run_main
+    from bias_begets_bias.cli import run_main
 
     def killed():
         os.kill(os.getpid(), signal.SIGTERM)
@@ -216,7 +216,7 @@ def test_sigterm_ends_a_script_like_ctrl_c_and_the_handler_is_restored(capsys):
 def test_a_file_the_machine_refuses_to_write_is_one_line_too(capsys):
     import errno
 
-    from diffusion_from_scratch.cli import run_main
+    from bias_begets_bias.cli import run_main
 
     def disk_full():
         raise OSError(errno.ENOSPC, "No space left on device", "/data/out/000001.png")
@@ -235,7 +235,7 @@ def test_a_file_the_machine_refuses_to_write_is_one_line_too(capsys):
 
 
 def test_an_allocation_that_fails_is_one_line_but_other_runtime_errors_are_bugs(capsys):
-    from diffusion_from_scratch.cli import run_main
+    from bias_begets_bias.cli import run_main
 
     def too_big():
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "

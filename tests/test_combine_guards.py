@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion_from_scratch.cli import InputError
-from statistical_auditing import combine_audits, experiment_stats
+from bias_begets_bias.cli import InputError
+from statistical_auditing import combine_audits
+from statistical_auditing.from_scratch import experiment_stats
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ["accountant", "nurse", "pilot", "baker", "lawyer", "cashier"]  # all in data/professions.txt
@@ -169,8 +170,8 @@ JL_SCRIPT = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from diffusion_from_scratch.utils import compact_csv_text, load_word_list
-from diffusion_from_scratch.word_vectors import load_word_vectors, vocabulary_form
+from bias_begets_bias.utils import compact_csv_text, load_word_list
+from bias_begets_bias.word_vectors import load_word_vectors, vocabulary_form
 from statistical_auditing.combine_audits import jl_shift_rows
 import torch
 torch.set_num_threads({threads})

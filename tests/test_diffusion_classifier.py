@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from diffusion_from_scratch.cli import InputError
-from statistical_auditing.diffusion_classifier import elbo_classify, elbo_timesteps, spread_order
-from statistical_auditing.score_models import ScoreModel, alphas_cumprod_at
+from bias_begets_bias.cli import InputError
+from statistical_auditing.core.elbo import elbo_classify, elbo_timesteps, spread_order
+from statistical_auditing.core.score_models import ScoreModel, alphas_cumprod_at
 
 T = 1000
 

@@ -5,9 +5,9 @@ import csv
 
 import pytest
 
-from diffusion_from_scratch.cli import InputError
+from bias_begets_bias.cli import InputError
 from statistical_auditing import diffusion_classifier as dc
-from statistical_auditing.stats import wilson_interval
+from statistical_auditing.core.stats import wilson_interval
 from test_fairface import cli_error, fairface_csv_folder, tiny_sd_folder
 
 

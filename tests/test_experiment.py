@@ -164,7 +164,7 @@ def _fake_run(folder, jl_seed=0, with_dose=True):
 
 
 def test_a_kept_run_is_replaced_whole_and_another_runs_copy_is_refused(tmp_path):
-    from diffusion_from_scratch.cli import InputError
+    from bias_begets_bias.cli import InputError
     from statistical_auditing.keep_run import keep_run
 
     dest = tmp_path / "kept"

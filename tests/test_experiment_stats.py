@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from statistical_auditing import experiment_stats as E
-from statistical_auditing.stats import wilson_interval
+from statistical_auditing.from_scratch import experiment_stats as E
+from statistical_auditing.core.stats import wilson_interval
 
 
 def test_pooled_share_by_hand():

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import run_script
-from diffusion_from_scratch.cli import InputError, run_main
-from statistical_auditing import cli_common as cc
+from bias_begets_bias.cli import InputError, run_main
+from statistical_auditing.sd_audits import cli_common as cc
 from statistical_auditing import fairface as ff
-from statistical_auditing.score_models import PixelScoreModel, ScoreModel
-from statistical_auditing.scoring import batch_noise, decide, scores_by_k
-from statistical_auditing.stats import wilson_interval
+from statistical_auditing.core.score_models import PixelScoreModel, ScoreModel
+from statistical_auditing.core.scoring import batch_noise, decide, scores_by_k
+from statistical_auditing.core.stats import wilson_interval
 
 SCRIPT = "statistical_auditing/fairface.py"
 
@@ -336,7 +336,7 @@ def test_a_run_trained_further_has_its_results_redone(smoke_run, small_dataset, 
 def test_fairface_on_the_six_class_test_split_matches_the_audits_control(smoke_run, small_dataset, tmp_path):
     """The same image, seed and k give the same noise, hence the same ScoreDecomp weights, in
     fairface.py and in the audit's control 1 (scoring.gender_accuracy_by_k on audit.load_test_images)."""
-    from diffusion_from_scratch.pipeline import TrainedRun
+    from bias_begets_bias.pipeline import TrainedRun
     from statistical_auditing.audit import accuracy_control, load_test_images
 
     result = ff.main(["--model", str(smoke_run), "--data", str(small_dataset), "--kind", "sixclass",
@@ -368,7 +368,7 @@ def test_fairface_on_the_six_class_test_split_matches_the_audits_control(smoke_r
 
 @pytest.mark.smoke
 def test_calibrated_call_uses_the_next_images_of_the_same_order(smoke_run, small_dataset, tmp_path):
-    from statistical_auditing.stats import calibrated_threshold
+    from statistical_auditing.core.stats import calibrated_threshold
 
     out = tmp_path / "ff"
     args = ["--model", str(smoke_run), "--data", str(small_dataset), "--kind", "sixclass", "--num_images", "6",

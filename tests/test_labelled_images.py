@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_from_scratch.cli import InputError
-from statistical_auditing.labelled_images import (
+from bias_begets_bias.cli import InputError
+from statistical_auditing.core.labelled_images import (
     FAIRFACE_RACES,
     CSVImages,
     FairFaceCSV,
@@ -159,8 +159,8 @@ def test_saved_hf_dataset_with_other_image_and_label_columns(tmp_path):
 @pytest.mark.integration
 def test_hub_dataset_offline_gives_clear_error():
     # a subprocess, because datasets reads HF_HUB_OFFLINE when it is imported
-    code = ("from statistical_auditing.labelled_images import open_labelled_images\n"
-            "from diffusion_from_scratch.cli import run_main\n"
+    code = ("from statistical_auditing.core.labelled_images import open_labelled_images\n"
+            "from bias_begets_bias.cli import run_main\n"
             "run_main(lambda: open_labelled_images('nobody-here/no-such-dataset'))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -228,7 +228,7 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def test_an_image_claiming_an_enormous_size_is_refused_from_its_header(tmp_path):
-    from statistical_auditing.labelled_images import UnreadableImage, check_header, decode_image
+    from statistical_auditing.core.labelled_images import UnreadableImage, check_header, decode_image
 
     bomb = tmp_path / "big.png"
     bomb.write_bytes(_png_claiming(100_000, 100_000))  # above Pillow's error limit
@@ -243,7 +243,7 @@ def test_an_image_claiming_an_enormous_size_is_refused_from_its_header(tmp_path)
 
 
 def test_sixteen_bit_images_decode_to_their_grey_levels(tmp_path):
-    from statistical_auditing.labelled_images import decode_image
+    from statistical_auditing.core.labelled_images import decode_image
 
     values = np.array([[0, 32768], [65535, 257]], dtype=np.uint16)
     path = tmp_path / "deep.png"
@@ -254,7 +254,7 @@ def test_sixteen_bit_images_decode_to_their_grey_levels(tmp_path):
 
 
 def test_a_label_csv_that_is_not_utf8_names_the_file(tmp_path):
-    from statistical_auditing.labelled_images import open_labelled_images
+    from statistical_auditing.core.labelled_images import open_labelled_images
 
     labels = tmp_path / "labels.csv"
     labels.write_bytes("file,label\ncaf\xe9.png,male\n".encode("latin-1"))

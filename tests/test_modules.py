@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from diffusion_from_scratch.modules import EMA, ConditionalUNet, SelfAttention, UNetConfig, sinusoidal_embedding
+from bias_begets_bias.modules import EMA, ConditionalUNet, SelfAttention, UNetConfig, sinusoidal_embedding
 
 
 def test_paper_unet_has_the_original_parameter_count():
@@ -63,7 +63,7 @@ def test_forward_shapes_for_a_small_config():
 
 def test_scale_shift_conditioning_by_hand():
     """h * (1 + scale) + shift with scale_shift (AdaGN), h + shift without."""
-    from diffusion_from_scratch.modules import Conditioned
+    from bias_begets_bias.modules import Conditioned
 
     h, emb = torch.full((1, 2, 1, 1), 3.0), torch.zeros(1, 4)
     film = Conditioned(2, 4, scale_shift=True)

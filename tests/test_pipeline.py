@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.modules import ConditionalUNet, UNetConfig
-from diffusion_from_scratch.pipeline import (SAMPLERS, TrainedRun, grad_scaler_state, latest_checkpoint,
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.modules import ConditionalUNet, UNetConfig
+from bias_begets_bias.pipeline import (SAMPLERS, TrainedRun, grad_scaler_state, latest_checkpoint,
                                              load_checkpoint, remove_orphaned_checkpoints, restore_grad_scaler,
                                              sample, sampling_scheduler, save_checkpoint, train_scheduler)
-from diffusion_from_scratch.utils import atomic_write_json
+from bias_begets_bias.utils import atomic_write_json
 
 
 def tiny_unet() -> ConditionalUNet:

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from diffusion_from_scratch.portraits import (RENDER_SIZE, attributes_from_prompt, measure_attributes,
+from bias_begets_bias.portraits import (RENDER_SIZE, attributes_from_prompt, measure_attributes,
                                               render_portrait)
-from diffusion_from_scratch.utils import DATA_DIR
+from bias_begets_bias.utils import DATA_DIR
 
 
 def test_prompts_name_one_attribute_of_each_kind():
@@ -100,7 +100,7 @@ def test_hair_between_the_bands_is_unclear():
 
 def test_fidelity_bar_by_hand_shows_the_share_that_missed():
     """Woman with 484 long of 510 called (94.9%) misses the 95% bar; the message must not round it to 95%."""
-    from diffusion_from_scratch.fidelity import bar_failures
+    from bias_begets_bias.fidelity_bar import bar_failures
     expected = {"neutral": 0.5, "hospital": 0.25, "library": 0.25}
     shares = {"hair_called": 510 / 512, "long": 484 / 510, "neutral": 0.5, "hospital": 0.25, "library": 0.25}
     assert bar_failures("woman", shares, expected) == ["long hair 94.9% < 95%"]
@@ -108,3 +108,18 @@ def test_fidelity_bar_by_hand_shows_the_share_that_missed():
     shares_man = shares | {"long": 0.0, "hospital": 0.12, "neutral": 0.63}  # 13 points from 25%: outside 12
     assert bar_failures("man", shares_man, expected) == ["neutral 63.0% vs 50% expected",
                                                           "hospital 12.0% vs 25% expected"]
+
+
+def test_fidelity_bar_flags_reach_the_bar():
+    """fidelity.py's --bar_* flags set the bar it checks (before, they were parsed and then ignored)."""
+    from bias_begets_bias.cli import config_from_constants, constants_of
+    from bias_begets_bias.fidelity_bar import AcceptanceBar, bar_failures
+    from diffusion_from_scratch import fidelity
+
+    cfg = config_from_constants(constants_of(vars(fidelity)), argv=["--bar_min_long_woman", "0.9"])
+    bar = fidelity.bar_from_config(cfg)
+    assert bar == AcceptanceBar(min_long_woman=0.9)
+    expected = {"neutral": 0.5, "hospital": 0.25, "library": 0.25}
+    shares = {"hair_called": 1.0, "long": 0.92, "neutral": 0.5, "hospital": 0.25, "library": 0.25}
+    assert bar_failures("woman", shares, expected) == ["long hair 92.0% < 95%"]
+    assert bar_failures("woman", shares, expected, bar) == []

@@ -16,7 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import save_tiny_clip_model, save_tiny_sd_pipeline  # noqa: E402
 
-from diffusion_from_scratch.cli import InputError  # noqa: E402
+from bias_begets_bias.cli import InputError  # noqa: E402
 from statistical_auditing import real_prompts_proportion as rpp  # noqa: E402
 
 SCRIPT = Path(rpp.__file__)

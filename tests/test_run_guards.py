@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.pipeline import EXPORTED_WEIGHTS, TrainedRun, export_weights, latest_checkpoint
-from diffusion_from_scratch.utils import (DATA_DIR, OWNER_FILE, REPO_ROOT, check_output_folder, claim_output_folder,
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.pipeline import EXPORTED_WEIGHTS, TrainedRun, export_weights, latest_checkpoint
+from bias_begets_bias.utils import (DATA_DIR, OWNER_FILE, REPO_ROOT, check_output_folder, claim_output_folder,
                                           file_sha256, record_path, resolve_recorded_path, run_identity)
 
 
@@ -210,7 +210,7 @@ def test_training_config_records_no_absolute_path_but_the_data_outside_the_repos
 
 
 def test_an_old_run_with_another_machines_absolute_paths_still_loads(smoke_run, tmp_path):
-    from statistical_auditing.audit import resolve_dataset
+    from bias_begets_bias.utils import resolve_dataset
 
     run = copy_run(smoke_run, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
@@ -239,7 +239,7 @@ def test_export_weights_writes_only_the_ema_in_fp16_and_loads_as_a_run(smoke_run
     for name, value in loaded.model.state_dict().items():
         assert value.dtype == ema[name].dtype  # float32 for compute
         assert torch.equal(value, ema[name].half().to(ema[name].dtype))
-    from diffusion_from_scratch.pipeline import safetensors_metadata
+    from bias_begets_bias.pipeline import safetensors_metadata
 
     meta = safetensors_metadata((kept / EXPORTED_WEIGHTS).read_bytes())
     assert meta["dtype"] == "float16" and int(meta["step"]) == original.step

@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.pipeline import train_scheduler
-from statistical_auditing.score_interface import ScoreModel, largest_k, timestep_table
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.pipeline import train_scheduler
+from statistical_auditing.core.score_interface import ScoreModel, largest_k, timestep_table
 
 # Stable Diffusion 2.1's scheduler/scheduler_config.json (no timestep_spacing key: each class's default applies)
 SD21 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

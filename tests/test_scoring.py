@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.utils import derived_seed
-from statistical_auditing.score_models import ScoreModel
-from statistical_auditing.scoring import (batch_noise, calls_from_weights, choose_k, decide, gender_accuracy_by_k,
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.utils import derived_seed
+from statistical_auditing.core.score_models import ScoreModel
+from statistical_auditing.core.scoring import (batch_noise, calls_from_weights, choose_k, decide, gender_accuracy_by_k,
                                           image_noise, scoredecomp_scores, scores_by_k)
 
 T = 100
@@ -128,7 +128,7 @@ def test_accuracy_is_perfect_at_low_noise_and_drops_when_the_image_is_drowned():
 
 
 def test_accuracy_counts_ties_as_wrong_and_reports_the_auc_of_the_margin(monkeypatch):
-    import statistical_auditing.scoring as scoring
+    import statistical_auditing.core.scoring as scoring
 
     # scripted weights (w_man, w_woman): female 0.9 (right), 0.5 (an exact tie), 0.4 (wrong); male 0.2 (right),
     # 0.6 (wrong)

@@ -12,15 +12,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import save_tiny_sd_pipeline  # noqa: E402
 
-from diffusion_from_scratch.cli import InputError  # noqa: E402
-from statistical_auditing.score_models import to_epsilon  # noqa: E402
-from statistical_auditing.sd_models import (  # noqa: E402
+from bias_begets_bias.cli import InputError  # noqa: E402
+from statistical_auditing.core.score_models import to_epsilon  # noqa: E402
+from statistical_auditing.sd_audits.sd_models import (  # noqa: E402
     SDTextEncoder,
     StableDiffusionScoreModel,
     build_scheduler,
     load_sd_components,
-    resolve_dtype,
 )
+from bias_begets_bias.hub import resolve_dtype  # noqa: E402
 
 PROMPTS = ["photo of a person's face", "photo of a person's face, man", "photo of a person's face, woman"]
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion_from_scratch.cli import InputError, parse_distinct_numbers
-from diffusion_from_scratch.utils import read_csv_table
-from statistical_auditing.sampling import METHOD_NAMES, X_VARIANTS
-from statistical_auditing.stats import ols, percentile_interval
+from bias_begets_bias.cli import InputError, parse_distinct_numbers
+from bias_begets_bias.utils import read_csv_table
+from statistical_auditing.from_scratch.sampling import METHOD_NAMES, X_VARIANTS
+from statistical_auditing.core.stats import ols, percentile_interval
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "results" / "experiment"

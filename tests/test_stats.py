@@ -4,7 +4,7 @@ import numpy as np
 
 import pytest
 
-from statistical_auditing.stats import (binary_auc, calibrated_threshold, linear_fit_with_bootstrap,
+from statistical_auditing.core.stats import (binary_auc, calibrated_threshold, linear_fit_with_bootstrap,
                                         plot_proportions, plot_regression, proportion_summary, wilson_interval)
 
 Z95 = 1.959963984540054
@@ -188,7 +188,7 @@ def test_plots_follow_the_umask_like_any_plain_write(tmp_path):
     import os
     import stat
 
-    from statistical_auditing.stats import plot_proportions
+    from statistical_auditing.core.stats import plot_proportions
 
     old = os.umask(0o022)
     try:

@@ -141,7 +141,7 @@ def test_changing_settings_into_the_same_folder_is_refused(tmp_path):
 @pytest.mark.smoke
 def test_the_prompts_are_identified_by_their_text_not_by_their_file(tmp_path):
     from diffusion_from_scratch import synthetic_data
-    from diffusion_from_scratch.cli import InputError
+    from bias_begets_bias.cli import InputError
     prompts = json.loads((REPO / "data" / "prompts.json").read_text())
     first, moved = tmp_path / "a" / "prompts.json", tmp_path / "b" / "prompts.json"
     for path in (first, moved):
@@ -162,7 +162,7 @@ def test_the_prompts_are_identified_by_their_text_not_by_their_file(tmp_path):
 @pytest.mark.smoke
 def test_a_dataset_recorded_with_only_its_prompts_path_resumes_if_that_file_matches(tmp_path):
     from diffusion_from_scratch import synthetic_data
-    from diffusion_from_scratch.cli import InputError
+    from bias_begets_bias.cli import InputError
     out = tmp_path / "ds"
     prompts_file = tmp_path / "prompts.json"
     prompts_file.write_text((REPO / "data" / "prompts.json").read_text())

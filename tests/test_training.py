@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 from conftest import REPO, kill_when_paused, run_script
 from diffusion_from_scratch import ddpm_conditional
-from diffusion_from_scratch.cli import InputError, config_from_constants
+from bias_begets_bias.cli import InputError, config_from_constants
 from diffusion_from_scratch.ddpm_conditional import (PRESETS, constants_of, epoch_plan, lr_scheduler, lr_scheduler_at,
                                                      prepare_run, shard_of, step_scheduler, training_target,
                                                      validation_loss, validation_words)
-from diffusion_from_scratch.pipeline import min_snr_weight, train_scheduler, training_timesteps
-from diffusion_from_scratch.utils import DATA_DIR, load_class_words, load_split, resolve_recorded_path, training_vocabulary
+from bias_begets_bias.pipeline import min_snr_weight, train_scheduler, training_timesteps
+from bias_begets_bias.utils import DATA_DIR, load_class_words, load_split, resolve_recorded_path, training_vocabulary
 
 SCRIPT = "diffusion_from_scratch/ddpm_conditional.py"
 
@@ -209,8 +209,8 @@ def test_validation_row_is_the_loss_over_every_test_image(smoke_run, small_datas
     """Recompute the last validation row by hand from the saved weights: all 12 test images (the
     test split, not the training one), word i mod 3 of each class, one draw from the 'val' seed,
     x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, target v = sqrt(abar) eps - sqrt(1 - abar) x0."""
-    from diffusion_from_scratch.modules import ConditionalUNet, UNetConfig
-    from diffusion_from_scratch.utils import derived_seed
+    from bias_begets_bias.modules import ConditionalUNet, UNetConfig
+    from bias_begets_bias.utils import derived_seed
 
     config = json.loads((smoke_run / "config.json").read_text())
     latest = smoke_run / "checkpoints" / (smoke_run / "checkpoints/latest").read_text().strip()
@@ -253,7 +253,7 @@ def test_paper_preset_is_the_original_configuration():
 
 
 def test_smoke_run_writes_the_run_folder(smoke_run):
-    from diffusion_from_scratch.pipeline import sha256_hex
+    from bias_begets_bias.pipeline import sha256_hex
 
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["words"] == ["man", "person", "woman", "nurse", "philosopher"]

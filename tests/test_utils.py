@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.utils import atomic_write_bytes, current_umask, load_split, progress_bar, to_rgb8
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.utils import atomic_write_bytes, current_umask, load_split, progress_bar, to_rgb8
 
 
 def test_progress_bar_redraws_rarely_when_not_on_a_terminal(monkeypatch):
@@ -102,7 +102,7 @@ def test_load_split_reads_a_16_bit_png_correctly(tmp_path):
 
 # ----------------------------------------------------------------------------- bad files and room (issue 11)
 def test_text_files_that_are_missing_foreign_or_absurdly_large_are_one_clear_error(tmp_path):
-    from diffusion_from_scratch.utils import load_json, read_text_file
+    from bias_begets_bias.utils import load_json, read_text_file
 
     latin = tmp_path / "words.txt"
     latin.write_bytes("caf\xe9\n".encode("latin-1"))
@@ -119,7 +119,7 @@ def test_text_files_that_are_missing_foreign_or_absurdly_large_are_one_clear_err
 
 
 def test_output_folders_are_checked_before_anything_is_written(tmp_path):
-    from diffusion_from_scratch.utils import require_writable, writable_folder
+    from bias_begets_bias.utils import require_writable, writable_folder
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -141,7 +141,7 @@ def test_output_folders_are_checked_before_anything_is_written(tmp_path):
 
 
 def test_requests_that_cannot_fit_are_refused_with_the_flag_named(tmp_path):
-    from diffusion_from_scratch.utils import available_memory, free_disk, human_bytes, require_disk, require_memory
+    from bias_begets_bias.utils import available_memory, free_disk, human_bytes, require_disk, require_memory
 
     assert available_memory() > 0 and free_disk(tmp_path / "not" / "yet") > 0
     require_memory(1000, "--n 1")

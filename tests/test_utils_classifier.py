@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from statistical_auditing import utils_classifier as uc
-from statistical_auditing.utils_classifier import score_decomp, simplex_least_squares
+from statistical_auditing.core import utils_classifier as uc
+from statistical_auditing.core.utils_classifier import score_decomp, simplex_least_squares
 
 
 def _t(rows):

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from diffusion_from_scratch.cli import InputError
-from statistical_auditing import variance_components as V
+from bias_begets_bias.cli import InputError
+from statistical_auditing.from_scratch import variance_components as V
 
 
 def orthogonal_array(d=0.0):

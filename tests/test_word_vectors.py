@@ -1,4 +1,4 @@
-"""Tests of diffusion_from_scratch/word_vectors.py: hand-checked maths on tiny vectors, the
+"""Tests of bias_begets_bias/word_vectors.py: hand-checked maths on tiny vectors, the
 paper's numbers on the bundled GoogleNews subset, and every loader (offline failures included)."""
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from diffusion_from_scratch import word_vectors as W
-from diffusion_from_scratch.cli import InputError
+from bias_begets_bias import word_vectors as W
+from bias_begets_bias.cli import InputError
 
 SQRT_HALF = math.sqrt(0.5)
 

@@ -5,7 +5,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -161,7 +160,7 @@ def test_a_changed_script_is_redone_with_its_own_checkouts_code_and_the_record_s
     script = clone / "statistical_auditing" / "lipschitz.py"
     text = script.read_text()
     assert "\nSEED = 0  #" in text
-    marker = ("import statistical_auditing.experiment_stats as _stats; "
+    marker = ("import statistical_auditing.from_scratch.experiment_stats as _stats; "
               "print('checkout-marker', _stats.__file__, flush=True)\n")
     script.write_text(text.replace("\nSEED = 0  #", "\n" + marker + "SEED = 1  #"))
     out = copy_experiment(finished, tmp_path / "exp")
@@ -254,7 +253,7 @@ def test_kill_9_of_the_experiment_leaves_no_orphan_and_the_next_start_resumes(tm
     (["--data", "{out}/data"], "--data"),
 ])
 def test_flags_that_contradict_the_design_are_refused_before_anything_is_made(tmp_path, args, flag):
-    from diffusion_from_scratch.cli import InputError
+    from bias_begets_bias.cli import InputError
     from statistical_auditing import experiment as module
 
     out = tmp_path / "exp"

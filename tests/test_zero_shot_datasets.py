@@ -13,7 +13,7 @@ import torch
 from statistical_auditing import diff_prompts_same_score as dp
 from statistical_auditing import diffusion_classifier as dc
 from statistical_auditing import fairface as ff
-from statistical_auditing.sd_models import StableDiffusionScoreModel
+from statistical_auditing.sd_audits.sd_models import StableDiffusionScoreModel
 from test_fairface import cli_error, tiny_sd_folder
 
 TEMPLATE = "a blurry photo of a {class}."

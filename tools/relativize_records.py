@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from diffusion_from_scratch.cli import InputError, config_from_constants, constants_of, require, run_main  # noqa: E402
-from diffusion_from_scratch.utils import atomic_write_text  # noqa: E402
+from bias_begets_bias.cli import InputError, config_from_constants, constants_of, require, run_main  # noqa: E402
+from bias_begets_bias.utils import atomic_write_text  # noqa: E402
 
 ROOT = "results"  # folder whose records are rewritten, relative to the repository root
 KEPT_RUNS = "results/experiment/runs"  # where the experiment's run copies are kept

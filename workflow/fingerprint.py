@@ -14,7 +14,7 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-PACKAGES = ("diffusion_from_scratch", "statistical_auditing")  # the project's own importable packages
+PACKAGES = ("bias_begets_bias", "diffusion_from_scratch", "statistical_auditing")  # the project's own importable packages
 
 
 def _module_file(repo: Path, dotted: str) -> Path | None:

@@ -86,7 +86,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def cpu_name() -> str:
-    """The CPU model, as diffusion_from_scratch.utils.cpu_name gives it: written again here because
+    """The CPU model, as bias_begets_bias.utils.cpu_name gives it: written again here because
     this wrapper starts before every job and must not import the project (torch) to record it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -31,9 +31,9 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.utils import DATA_DIR, load_class_words, read_text_file, to_rgb8
-from statistical_auditing.sd_models import looks_like_path
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.hub import looks_like_path
+from bias_begets_bias.utils import DATA_DIR, load_class_words, read_text_file, to_rgb8
 
 CLASS_WORDS = DATA_DIR / "class_words.json"
 FAIRFACE_HUB_ID = "HuggingFaceM4/FairFace"

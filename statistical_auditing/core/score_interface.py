@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from diffusion_from_scratch.cli import InputError
+from bias_begets_bias.cli import InputError
 
 # The original's number of inference steps: ``scheduler.set_timesteps(1000)`` in utils_classifier.load_model.
 DEFAULT_INFERENCE_STEPS = 1000

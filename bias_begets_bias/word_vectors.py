@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from diffusion_from_scratch.cli import InputError, require
+from bias_begets_bias.cli import InputError, require
 
 DEFAULT_SOURCE = "w2v-bundled"
 GOOGLE_NEWS = "word2vec-google-news-300"

@@ -1,11 +1,11 @@
 """Data-source flags shared by fairface.py, diffusion_classifier.py and diff_prompts_same_score.py.
 
-Each script imports the constants it uses at its top (``from statistical_auditing.data_flags
-import DATA, KIND, ...``); ``diffusion_from_scratch.cli.constants_of(globals())`` turns them
+Each script imports the constants it uses at its top (``from statistical_auditing.sd_audits.data_flags
+import DATA, KIND, ...``); ``bias_begets_bias.cli.constants_of(globals())`` turns them
 into flags of the same name in lower case, like the script's own constants. A script whose
 default differs keeps its own constant instead. ``cli_common.open_data`` reads them.
 """
-from statistical_auditing.labelled_images import FAIRFACE_HUB_ID, KINDS
+from statistical_auditing.core.labelled_images import FAIRFACE_HUB_ID, KINDS
 
 DATA = FAIRFACE_HUB_ID  # HF dataset id or save_to_disk folder, FairFace CSV, label CSV, or six-class dataset root
 KIND = "auto"  # data kind: auto | hf | fairface_csv | csv | sixclass

@@ -33,9 +33,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as safetensors_bytes
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.modules import ConditionalUNet, UNetConfig
-from diffusion_from_scratch.utils import (MAX_TEXT_FILE_BYTES, atomic_write_bytes, atomic_write_json, atomic_write_text,
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.modules import ConditionalUNet, UNetConfig
+from bias_begets_bias.utils import (MAX_TEXT_FILE_BYTES, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                           resolve_recorded_path)
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
@@ -500,7 +500,7 @@ class TrainedRun:
         jl_seed the seed that rebuilds its JL matrix, and the train block the same embedding,
         debias, jl_seed and jl_dim as the top level. A hand-edited key raises InputError naming
         config.json and the key (the saved tensors are what the model was trained with)."""
-        from diffusion_from_scratch.word_vectors import debias_mode, jl_matrix
+        from bias_begets_bias.word_vectors import debias_mode, jl_matrix
 
         path = self.run_dir / "config.json"
         train = self.config.get("train") if isinstance(self.config.get("train"), dict) else {}
@@ -537,7 +537,7 @@ class TrainedRun:
         """Conditioning vectors for any vocabulary word (seen in training or not), through the
         same embedding and debiasing as training and the run's SAVED JL matrix (the run folder
         is the record; ``check_conditioning`` verifies it once)."""
-        from diffusion_from_scratch.word_vectors import conditioning_table
+        from bias_begets_bias.word_vectors import conditioning_table
 
         self.check_conditioning()
         table = conditioning_table(words, self.embedding, self.jl_matrix, self.config["debias"])
@@ -547,7 +547,7 @@ class TrainedRun:
     def embedding_source(self) -> str:
         """config.json's embedding as ``word_vectors.load_word_vectors`` takes it: a named source, or
         a word2vec file recorded relative to the repository (older runs: absolute) found here."""
-        from diffusion_from_scratch.word_vectors import SOURCES
+        from bias_begets_bias.word_vectors import SOURCES
 
         source = self.config["embedding"]
         if isinstance(source, str) and source not in SOURCES:
@@ -556,7 +556,7 @@ class TrainedRun:
 
     @property
     def embedding(self):
-        from diffusion_from_scratch.word_vectors import load_word_vectors
+        from bias_begets_bias.word_vectors import load_word_vectors
 
         return load_word_vectors(self.embedding_source)
 
@@ -567,7 +567,7 @@ class TrainedRun:
         ``check_config_against_conditioning`` has already checked jl_seed and jl_dim."""
         if getattr(self, "_conditioning_checked", False):
             return
-        from diffusion_from_scratch.word_vectors import conditioning_table
+        from bias_begets_bias.word_vectors import conditioning_table
 
         expected = conditioning_table(self.words, self.embedding, self.jl_matrix, self.config["debias"])
         if not np.allclose(expected, self.saved_word_table, atol=1e-5):

@@ -11,13 +11,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from diffusion_from_scratch.cli import InputError, parse_distinct_numbers, require
-from diffusion_from_scratch.utils import read_text_file, resolve_device
-from statistical_auditing.labelled_images import (FAIRFACE_RACES, LabelledImages, check_header, images_to_tensor,
+from bias_begets_bias.cli import InputError, parse_distinct_numbers, require
+from bias_begets_bias.utils import read_text_file, resolve_device
+from statistical_auditing.core.labelled_images import (FAIRFACE_RACES, LabelledImages, check_header, images_to_tensor,
                                                   open_labelled_images)
-from statistical_auditing.score_interface import DEFAULT_INFERENCE_STEPS, ScoreModel
-from statistical_auditing.score_models import PixelScoreModel, load_score_model
-from statistical_auditing.stats import wilson_interval
+from statistical_auditing.core.score_interface import DEFAULT_INFERENCE_STEPS, ScoreModel
+from statistical_auditing.core.score_models import PixelScoreModel
+from statistical_auditing.core.stats import wilson_interval
 
 SD_BASE = "photo of a person's face"  # the original's base prompt
 PIXEL_BASE = "person"  # the from-scratch vocabulary's neutral word
@@ -27,6 +27,19 @@ SUMMARY_COLUMNS = ("method", "call", "k", "timestep", "budget", "accuracy", "ci_
 
 
 # ----------------------------------------------------------------------------- list flags
+
+
+def load_score_model(spec: str, device: torch.device | None = None,
+                     num_inference_steps: int = DEFAULT_INFERENCE_STEPS, **sd_options) -> ScoreModel:
+    """A from-scratch run folder (has config.json and checkpoints/) or a Stable Diffusion pipeline
+    (hub id or local folder); both get the timestep table of ``num_inference_steps``
+    (``timestep_table``); ``sd_options`` go to StableDiffusionScoreModel.from_pretrained."""
+    if (Path(spec) / "config.json").is_file() and (Path(spec) / "checkpoints").is_dir():
+        return PixelScoreModel(spec, device, num_inference_steps=num_inference_steps)
+    from statistical_auditing.sd_audits.sd_models import StableDiffusionScoreModel
+
+    return StableDiffusionScoreModel.from_pretrained(spec, device=device, num_inference_steps=num_inference_steps,
+                                                     **sd_options)
 
 
 def split_list(text: str, flag: str) -> list[str]:

@@ -14,7 +14,7 @@ every script before any work starts (``check_ranges``)::
 
 Bounds are numbers, ``inf`` / ``-inf`` or ``2**N``; "(-inf, inf)" means any finite number.
 Float flags are always finite (nan and inf are refused whatever the range). A constant a
-script imports (``from statistical_auditing.data_flags import RESIZE``) has its range
+script imports (``from statistical_auditing.sd_audits.data_flags import RESIZE``) has its range
 declared in the module that defines it; an imported number without a declared range is
 code, not a setting, and is no flag.
 
@@ -29,6 +29,7 @@ import errno
 import importlib.util
 import io
 import math
+import os
 import re
 import signal
 import sys
@@ -360,3 +361,15 @@ def run_main(main: Callable[[], Any], on_interrupt: str = INTERRUPTED) -> None:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """--shard "i/n" -> (i, n); empty = RANK / WORLD_SIZE of a torchrun-style launch, else (0, 1)."""
+    if not text:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard: expected i/n such as 0/4, got {text!r}") from None
+    require(count >= 1 and 0 <= index < count, f"--shard: need 0 <= i < n, got {text!r}")
+    return index, count

@@ -9,7 +9,7 @@ import zlib
 
 import torch
 
-from statistical_auditing.score_interface import (DEFAULT_INFERENCE_STEPS, ScoreModel, alphas_cumprod_at,  # noqa: F401
+from statistical_auditing.core.score_interface import (DEFAULT_INFERENCE_STEPS, ScoreModel, alphas_cumprod_at,  # noqa: F401
                                                   timestep_table, to_epsilon)
 
 
@@ -23,7 +23,7 @@ class PixelScoreModel(ScoreModel):
 
     def __init__(self, run_dir: str, device: torch.device | None = None, use_ema: bool = True,
                  num_inference_steps: int = DEFAULT_INFERENCE_STEPS):
-        from diffusion_from_scratch.pipeline import TrainedRun
+        from bias_begets_bias.pipeline import TrainedRun
 
         self.run = TrainedRun(run_dir, device, use_ema=use_ema)
         self.device = self.run.device
@@ -72,18 +72,3 @@ class PixelScoreModel(ScoreModel):
         out = self.model(x_rep, t_rep, vectors.repeat(b, 1)).view(b, k, *x_t.shape[1:])
         self.evaluations += b * k
         return to_epsilon(out.float(), x_t.float(), t, self.alphas_cumprod, self.prediction_type)
-
-
-def load_score_model(spec: str, device: torch.device | None = None,
-                     num_inference_steps: int = DEFAULT_INFERENCE_STEPS, **sd_options) -> ScoreModel:
-    """A from-scratch run folder (has config.json and checkpoints/) or a Stable Diffusion pipeline
-    (hub id or local folder); both get the timestep table of ``num_inference_steps``
-    (``timestep_table``); ``sd_options`` go to StableDiffusionScoreModel.from_pretrained."""
-    from pathlib import Path
-
-    if (Path(spec) / "config.json").is_file() and (Path(spec) / "checkpoints").is_dir():
-        return PixelScoreModel(spec, device, num_inference_steps=num_inference_steps)
-    from statistical_auditing.sd_models import StableDiffusionScoreModel
-
-    return StableDiffusionScoreModel.from_pretrained(spec, device=device, num_inference_steps=num_inference_steps,
-                                                     **sd_options)

@@ -29,9 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.portraits import HAIR_LENGTHS, SCENES
-from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_json
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.portraits import HAIR_LENGTHS, SCENES
+from bias_begets_bias.utils import atomic_write_bytes, atomic_write_json
 
 CONFIDENT = 0.9  # below this top probability a call is "unclear"
 MIN_TEST_ACCURACY = 0.99  # on the held-out test renders, per attribute
@@ -143,7 +143,7 @@ class AttributeClassifier:
 
 def train_classifier(dataset: Path, size: int, progress: bool = True) -> AttributeClassifier:
     """Train on the train split's renders (seeded, deterministic) and measure the test split."""
-    from diffusion_from_scratch.utils import progress_bar
+    from bias_begets_bias.utils import progress_bar
 
     torch.manual_seed(SEED)
     images, hair, scene = _labelled_split(dataset, "train", size)

@@ -184,7 +184,7 @@ def save_figure_atomically(fig, path: str | os.PathLike) -> Path:
     (``utils.atomic_write_bytes``: the file gets the mode the umask gives, as any plain write)."""
     import io
 
-    from diffusion_from_scratch.utils import atomic_write_bytes
+    from bias_begets_bias.utils import atomic_write_bytes
 
     path = Path(path)
     buffer = io.BytesIO()

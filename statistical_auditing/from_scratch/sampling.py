@@ -27,9 +27,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from diffusion_from_scratch.pipeline import sample, sampling_scheduler
-from diffusion_from_scratch.utils import atomic_write_bytes, atomic_write_json
-from statistical_auditing.stats import wilson_interval
+from bias_begets_bias.pipeline import sample, sampling_scheduler
+from bias_begets_bias.utils import atomic_write_bytes, atomic_write_json
+from statistical_auditing.core.stats import wilson_interval
 
 FEMALE, MALE, UNDECIDED = 1, 0, -1
 CANDIDATES = ("man", "woman")  # ScoreDecomp candidates; index 1 is the female side
@@ -103,7 +103,7 @@ def scoredecomp_calls(score_model, images: torch.Tensor, k: int, seed: int, key_
     not depend on the batch size; the call is ``scoring.decide`` of the weights (a tie is
     UNDECIDED).
     """
-    from statistical_auditing.scoring import batch_noise, decide, scoredecomp_scores
+    from statistical_auditing.core.scoring import batch_noise, decide, scoredecomp_scores
 
     timestep = score_model.timestep_for_k(int(k))
     weights = []

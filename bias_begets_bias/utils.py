@@ -20,7 +20,7 @@ from tqdm import tqdm
 import numpy as np
 import torch
 
-from diffusion_from_scratch.cli import InputError
+from bias_begets_bias.cli import InputError, require
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -495,6 +495,34 @@ OWNER_FILE = ".owner.json"  # {"tool": ..., "run": ...} in every output folder o
 # A file each tool writes into its folder, to recognise folders made before the marker existed.
 TOOL_SIGNATURES = {"audit": "audit.json", "lipschitz": "lipschitz.json", "dose_response": "dose_response.json",
                    "fidelity": "fidelity.md"}
+
+
+
+def resolve_dataset(run_config: dict, override: str, run_dir: Path | None = None) -> Path:
+    """The run's ``<root>/<size>`` dataset folder: --dataset_path as given, else the run's
+    recorded dataset_path (relative to the repository, else to the run folder; an older run's
+    absolute path from another machine falls back to the same place under data/:
+    ``utils.resolve_recorded_path``)."""
+    text = override or run_config.get("dataset_path", "")
+    require(bool(text), "the run's config.json has no dataset_path; pass --dataset_path")
+    path = Path(text).expanduser()
+    for candidate in ((path,) if override else ()) + (resolve_recorded_path(text, run_dir),):
+        if candidate.is_dir():
+            return candidate
+    flag = "--dataset_path" if override else "the run's dataset_path"
+    raise InputError(f"{flag}: dataset folder {text} does not exist (expected <root>/<size>/test/<class>/*.png); "
+                     f"pass --dataset_path")
+
+
+def dataset_source(dataset: Path) -> str | None:
+    """``source`` in ``<dataset root>/dataset.json`` (procedural / stable-diffusion), None if unknown."""
+    path = dataset.parent / "dataset.json"
+    if not path.exists():
+        return None
+    settings = load_json(path)
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: expected a JSON object of the dataset's settings (synthetic_data.py writes it)")
+    return settings.get("source")
 
 
 def run_identity(run_dir: Path, config: dict) -> str:

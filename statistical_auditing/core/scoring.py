@@ -28,11 +28,11 @@ from typing import Sequence
 
 import torch
 
-from diffusion_from_scratch.cli import InputError
-from diffusion_from_scratch.utils import derived_seed, progress_bar
-from statistical_auditing.score_interface import ScoreModel
-from statistical_auditing.stats import binary_auc, wilson_interval
-from statistical_auditing.utils_classifier import score_decomp
+from bias_begets_bias.cli import InputError
+from bias_begets_bias.utils import derived_seed, progress_bar
+from statistical_auditing.core.score_interface import ScoreModel
+from statistical_auditing.core.stats import binary_auc, wilson_interval
+from statistical_auditing.core.utils_classifier import score_decomp
 
 
 def image_noise(shape: Sequence[int], seed: int, key: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as _scipy_stats
 
-from statistical_auditing.stats import ols, percentile_interval, wilson_interval
+from statistical_auditing.core.stats import ols, percentile_interval, wilson_interval
 
 # A regressor whose standard deviation is below this (in cosine-gap units) has no spread to
 # fit a slope on: hard-debiasing sets every profession's gap to ~1e-10 before the

@@ -1,7 +1,8 @@
 """Model flags shared by fairface.py, diffusion_classifier.py and diff_prompts_same_score.py
 (imported at each script's top, as data_flags.py; ``cli_common.load_model`` reads them)."""
-from statistical_auditing.score_interface import DEFAULT_INFERENCE_STEPS
-from statistical_auditing.sd_models import DEFAULT_MODEL, DTYPES, SCHEDULERS
+from statistical_auditing.core.score_interface import DEFAULT_INFERENCE_STEPS
+from bias_begets_bias.hub import DEFAULT_MODEL, DTYPES
+from statistical_auditing.sd_audits.sd_models import SCHEDULERS
 
 MODEL = DEFAULT_MODEL  # from-scratch run folder, or Stable Diffusion hub id / pipeline folder
 DEVICE = ""  # torch device ("" = the accelerator if available, else cpu)

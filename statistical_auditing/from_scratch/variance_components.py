@@ -12,7 +12,7 @@ effect, var s2_word; b: word x JL draw, var s2_word_x_jl; c: word x training dra
 s2_word_x_train; e: binomial sampling noise plus any word x JL x training interaction.
 
 Pure functions (numpy arrays in, numbers out). Bad arguments raise
-``diffusion_from_scratch.cli.InputError`` naming the argument. Every function needs a
+``bias_begets_bias.cli.InputError`` naming the argument. Every function needs a
 complete array: the closed-form ANOVA estimators below hold for balanced data only
 (Searle, Casella & McCulloch 1992, ch. 4), so a word missing from any run must be dropped by
 the caller (or the run left out) rather than passed as NaN.
@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import stats as _scipy_stats
 
-from diffusion_from_scratch.cli import InputError
+from bias_begets_bias.cli import InputError
 
 VARIANCE_KEYS = ("word", "word_x_jl", "word_x_train", "interaction", "sampling", "residual")
 RESAMPLE_CHOICES = ("words", "pigeonhole")

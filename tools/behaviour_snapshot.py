@@ -1,0 +1,171 @@
+"""Run every script on tiny inputs from one checkout, or compare two such runs: a refactor's
+"no behaviour change" check (issue 26).
+
+    python tools/behaviour_snapshot.py run --code <checkout> --out <folder>
+    python tools/behaviour_snapshot.py compare <folder A> <folder B>
+
+`run` works in a fixed scratch folder (WORK below), so that two checkouts' outputs hold the same
+paths, and moves the result to --out. It runs the smoke experiment (data, three trainings, audits,
+dose-response, Lipschitz, combine, kept copies), fidelity, and the Stable Diffusion-family scripts
+(fairface, diff_prompts_same_score, diffusion_classifier, real_prompts_proportion) on a tiny
+random-weight SD pipeline and CLIP model (tests/tiny_models.py) and on a smoke pixel run, each at one
+torch thread. `compare` says which files differ: binary files byte for byte, text files after
+masking what differs between any two runs (times, commits, durations, hosts), and prints the
+first differing lines. Exit status 1 if anything differs.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+WORK = Path("/tmp/bbb-behaviour-snapshot/work")  # fixed, so both runs record the same paths
+CODE = Path("/tmp/bbb-behaviour-snapshot/code")  # the checkout is copied here for the same reason
+TEXT_SUFFIXES = {".md", ".json", ".txt", ".csv", ".log", ".yaml"}
+# What legitimately differs between two runs of the same code: clock times, durations, commits, hosts, pids.
+VOLATILE = [
+    re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?(\+\d\d:\d\d|Z| UTC)?"),
+    re.compile(r'"(wall_s|seconds|elapsed_s|elapsed|duration_s|started|ended|start|end|time|pid|host|'
+               r'hostname|cpu|commit|local_changes|changed_files|python|platform|torch_threads|'
+               r'fingerprint|code_fingerprint)"\s*:\s*("[^"]*"|[-\d.eE+]+|true|false|null|\[[^\]]*\])'),
+    re.compile(r"\b[0-9a-f]{7,40}\b"),
+    re.compile(r"\b\d+(\.\d+)?\s*(s|min|sec|seconds|minutes|h|ms)\b"),
+    re.compile(r"\b\d+:\d\d(:\d\d)?\b"),
+]
+SKIP_PARTS = {".workflow", ".snakemake", "records", "__pycache__", "log", "logs"}
+
+
+def sh(command: list[str], cwd: Path) -> None:
+    env = os.environ | {"PYTHONPATH": str(CODE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                        "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, cwd=cwd, env=env, check=True)
+
+
+def make_fixtures() -> dict[str, Path]:
+    """Tiny SD + CLIP, a FairFace-layout CSV and a StableBias-layout dataset, as tests/ builds them."""
+    code = f"""
+import sys, numpy as np
+sys.path.insert(0, {str(CODE / 'tests')!r})
+from pathlib import Path
+from PIL import Image
+from tiny_models import save_tiny_sd_pipeline, save_tiny_clip_model
+root = Path({str(WORK)!r})
+save_tiny_sd_pipeline(root / "sd"); save_tiny_clip_model(root / "clip")
+ff = root / "fairface"; (ff / "train").mkdir(parents=True)
+rng = np.random.default_rng(0); lines = ["file,age,gender,race,service_test"]
+for i in range(4):
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(ff / "train" / f"{{i}}.jpg")
+    lines.append(f"train/{{i}}.jpg,20-29,{{'Male' if i % 2 == 0 else 'Female'}},White,True")
+(ff / "fairface_label_train.csv").write_text("\\n".join(lines) + "\\n")
+import datasets
+rows = {{"profession": [], "model": [], "no": [], "seed": [], "image": []}}
+for profession, count in {{"nurse": 4, "doctor": 3, "teacher": 2, "engineer": 3}}.items():
+    for number in range(count):
+        rows["profession"].append(profession); rows["model"].append("gen-a"); rows["no"].append(number)
+        rows["seed"].append(int(rng.integers(1 << 30)))
+        rows["image"].append(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+features = datasets.Features({{"profession": datasets.Value("string"), "model": datasets.Value("string"),
+    "no": datasets.Value("int32"), "seed": datasets.Value("int32"), "image": datasets.Image()}})
+datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(root / "professions"))
+(root / "professions.txt").write_text("nurse\\ndoctor\\nteacher\\nengineer\\nphilosopher\\n")
+"""
+    sh([sys.executable, "-c", code], CODE)
+    return {"sd": WORK / "sd", "clip": WORK / "clip", "fairface": WORK / "fairface" / "fairface_label_train.csv"}
+
+
+def run(code: Path, out: Path) -> None:
+    if out.exists():
+        raise SystemExit(f"--out {out} exists; give a new folder")
+    shutil.rmtree(WORK.parent, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    shutil.copytree(code, CODE, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "generated"))
+    py = sys.executable
+    exp, data = WORK / "exp", WORK / "data"
+    sh([py, "statistical_auditing/experiment.py", "--preset", "smoke", "--out", str(exp), "--data", str(data),
+        "--keep", str(WORK / "kept"), "--python", py], CODE)
+    run_dir, dataset = exp / "w2v-jl0", data / "32"
+    sh([py, "diffusion_from_scratch/fidelity.py", "--run", str(run_dir), "--n_per_word", "2", "--guidance", "1,3",
+        "--sample_steps", "4", "--out", str(WORK / "fidelity")], CODE)
+    fixtures = make_fixtures()
+    sd, fairface = str(fixtures["sd"]), str(fixtures["fairface"])
+    for name, model, data_args in [("sd", sd, ["--data", fairface, "--resize", "16"]),
+                                   ("pixel", str(run_dir), ["--data", str(dataset), "--kind", "sixclass",
+                                                            "--selection", "random"])]:
+        sh([py, "statistical_auditing/fairface.py", "--model", model, *data_args, "--num_images", "4",
+            "--k_list", "1,5", "--elbo_samples", "2", "--batch_size", "2", "--out", str(WORK / f"fairface-{name}")],
+           CODE)
+        sh([py, "statistical_auditing/diff_prompts_same_score.py", "--model", model, *data_args, "--num_images",
+            "3", "--k_list", "5,50", "--out", str(WORK / f"heat-{name}")], CODE)
+        sh([py, "statistical_auditing/diffusion_classifier.py", "--model", model, *data_args, "--num_images", "4",
+            "--n_samples", "4", "--prune", "2:1", "--out", str(WORK / f"elbo-{name}")], CODE)
+    sh([py, "statistical_auditing/real_prompts_proportion.py", "--preset", "smoke", "--model", sd,
+        "--clip_model", str(fixtures["clip"]), "--dataset", str(WORK / "professions"), "--generator", "gen-a",
+        "--professions", str(WORK / "professions.txt"), "--out_dir", str(WORK / "stable_bias"),
+        "--device", "cpu", "--dtype", "fp32"], CODE)
+    for name in ("sd", "clip", "fairface", "professions"):  # inputs, not outputs
+        shutil.rmtree(WORK / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(WORK), str(out))
+    shutil.rmtree(WORK.parent, ignore_errors=True)
+
+
+def masked(text: str) -> list[str]:
+    for pattern in VOLATILE:
+        text = pattern.sub("<*>", text)
+    return text.splitlines()
+
+
+def files_of(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob("*")
+            if p.is_file() and not SKIP_PARTS & set(p.relative_to(folder).parts)}
+
+
+def compare(a: Path, b: Path) -> int:
+    files_a, files_b = files_of(a), files_of(b)
+    problems = [f"only in {a}: {p}" for p in sorted(files_a - files_b)]
+    problems += [f"only in {b}: {p}" for p in sorted(files_b - files_a)]
+    same = masked_same = 0
+    for path in sorted(files_a & files_b):
+        bytes_a, bytes_b = (a / path).read_bytes(), (b / path).read_bytes()
+        if bytes_a == bytes_b:
+            same += 1
+            continue
+        if path.suffix in TEXT_SUFFIXES:
+            lines_a, lines_b = masked(bytes_a.decode(errors="replace")), masked(bytes_b.decode(errors="replace"))
+            if lines_a == lines_b:
+                masked_same += 1
+                continue
+            diff = list(difflib.unified_diff(lines_a, lines_b, lineterm="", n=0))[2:8]
+            problems.append(f"differs: {path}\n    " + "\n    ".join(diff))
+        else:
+            problems.append(f"differs (binary): {path}")
+    print(f"{len(files_a & files_b)} files in both: {same} byte-identical, {masked_same} identical once times, "
+          f"commits and durations are masked; {len(problems)} problems")
+    print("\n".join(problems))
+    return 1 if problems else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run")
+    run_parser.add_argument("--code", type=Path, required=True, help="the checkout whose scripts run")
+    run_parser.add_argument("--out", type=Path, required=True, help="a new folder for the outputs")
+    compare_parser = sub.add_parser("compare")
+    compare_parser.add_argument("a", type=Path)
+    compare_parser.add_argument("b", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.code.resolve(), args.out.resolve())
+        return 0
+    return compare(args.a, args.b)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
