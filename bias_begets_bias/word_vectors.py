@@ -442,6 +442,8 @@ def _load_cached(source: str) -> WordVectors:
 
 # Where the conditioning vectors are debiased (a run's ``debias`` setting).
 DEBIAS_MODES = ("none", "hard", "projected")
+# The experiment's arms by name (statistical_auditing/experiment.py): arm -> the --debias of its runs
+ARM_DEBIAS = {"w2v": "none", "debiased": "hard", "projected": "projected"}
 DEBIAS_HELP = ("none: the embedding as it is; hard: Bolukbasi et al.'s hard-debias in the embedding's own space, "
                "before the JL projection; projected: the same neutralise/equalise after the projection, in the "
                "space the model sees, with the gender direction of the projected definitional pairs")

@@ -60,6 +60,7 @@ from bias_begets_bias.cli import (InputError, config_from_constants, constants_o
                                         parse_number_list, require, run_main)
 from bias_begets_bias.utils import (REPO_ROOT, atomic_write_json, load_json, require_writable,  # noqa: E402
                                           writable_folder)
+from bias_begets_bias.word_vectors import ARM_DEBIAS  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 OUT = "runs/experiment"  # experiment folder: one folder per run, records/, combined/, .snakemake/ (Snakemake's state)
@@ -92,7 +93,6 @@ PRESETS = {
                   train_args="--preset smoke", audit_args="--preset smoke", dose_args="--preset smoke",
                   lipschitz_args="--preset smoke", combine_args="--n_boot 50 --include_failed true"),
 }
-ARM_DEBIAS = {"w2v": "none", "debiased": "hard", "projected": "projected"}
 SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
 # What each stage's flags may not set: the run's identity and files belong to the design
 STAGES = {  # flag holding the pass-through args -> (script, fixed flags, flags the design owns)

@@ -313,3 +313,28 @@ def test_female_side_from_direction_by_hand():
     direction = vectors["she"] - vectors["he"]  # (-2, 0)
     assert V.female_side_from_direction(vectors, direction) == {"he": False, "she": True, "nurse": True,
                                                                 "person": False}
+
+
+def test_component_difference_by_hand_and_on_a_simulated_design():
+    # 2 words x 2 JL x 2 training; word 0 moves with the JL draw only, word 1 is its mirror
+    y = np.array([[[0.6, 0.6], [0.4, 0.4]], [[0.4, 0.4], [0.6, 0.6]]])
+    # z = y (run means 0.5 removed): m_wj = +-0.1, m_wt = 0, m_w = 0 -> MS_WJ = 2 * 4 * 0.01 / 1 = 0.08,
+    # MS_WT = 0, MS_WJT = 0 -> s2_word_x_jl = 0.08 / 2 = 0.04, s2_word_x_train = 0
+    result = V.component_difference(y, "word_x_jl", key_b="word_x_train", n_boot=50)
+    assert result["a"] == pytest.approx(0.04) and result["b"] == pytest.approx(0.0)
+    assert result["difference"] == pytest.approx(0.04)
+    rng = np.random.default_rng(3)
+    truth_jl, truth_train = 0.08, 0.03
+    y = (0.5 + rng.normal(0, 0.06, (150, 1, 1)) + rng.normal(0, truth_jl, (150, 3, 1))
+         + rng.normal(0, truth_train, (150, 1, 2)) + rng.normal(0, 0.02, (150, 3, 2)))
+    result = V.component_difference(y, "word_x_jl", key_b="word_x_train", n_boot=400, seed=1)
+    low, high = result["ci"]
+    assert low <= truth_jl ** 2 - truth_train ** 2 <= high and low > 0
+    other = y + rng.normal(0, 0.05, (150, 3, 1))  # the same words, a larger word x JL part
+    assert y.min() > 0 and other.max() < 1
+    between = V.component_difference(other, "word_x_jl", shares_b=y, n_boot=400, seed=1)
+    assert between["ci"][0] <= 0.05 ** 2 <= between["ci"][1]
+    with pytest.raises(InputError, match="key_b"):
+        V.component_difference(y, "word", n_boot=10)
+    with pytest.raises(InputError, match="key_a"):
+        V.component_difference(y, "sampling", key_b="word", n_boot=10)

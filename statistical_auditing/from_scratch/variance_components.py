@@ -463,6 +463,56 @@ def paired_difference(shares_a, x_a, shares_b=None, x_b=None, statistic: str = "
             "level": level, "resample": resample}
 
 
+COMPONENT_KEYS = ("word", "word_x_jl", "word_x_train")
+
+
+def component_difference(shares_a, key_a: str, shares_b=None, key_b: str | None = None, n_boot: int = 2000,
+                         seed: int = 0, level: float = 0.95) -> dict:
+    """Difference A - B of two variance components (``decompose``'s method-of-moments estimates,
+    variances, not sd), with a percentile interval from resamples that redraw words jointly.
+
+    - One arm, two components: shares_b=None, e.g. key_a="word_x_jl", key_b="word_x_train":
+      does the JL draw move a word more than the training draw? (E[MS_WJ] - E[MS_WT] =
+      T s2_word_x_jl - J s2_word_x_train, so the difference is a contrast of mean squares.)
+    - Two arms sharing their words (same words, same order), one component each: key_b
+      defaults to key_a, e.g. word_x_jl of the projected arm minus that of the debiased arm.
+      Each resample applies one set of word indices to both arms, so the words' own variation,
+      common to both, largely cancels.
+
+    Words only are redrawn (the JL and training draws stay): with 2-3 draws a redrawn factor
+    repeats a draw and biases the interaction components low (see ``decompose``). The
+    components here need no sampling variance (it enters only the interaction).
+
+    Returns dict(difference, a, b, ci, key_a, key_b, n_boot, seed, level).
+    """
+    key_b = key_a if key_b is None else key_b
+    for name, key in (("key_a", key_a), ("key_b", key_b)):
+        if key not in COMPONENT_KEYS:
+            raise InputError(f"{name}: expected one of {', '.join(COMPONENT_KEYS)}, got {key!r}")
+    if shares_b is None and key_a == key_b:
+        raise InputError("key_b: with one arm, expected a component other than key_a")
+    _check_bootstrap(n_boot, level, "words", min_boot=1)
+    y_a = _shares_array(shares_a, "shares_a")
+    y_b = y_a if shares_b is None else _shares_array(shares_b, "shares_b")
+    if y_b.shape[0] != y_a.shape[0]:
+        raise InputError(f"shares_b: expected the same {y_a.shape[0]} words as shares_a, got {y_b.shape[0]}")
+    rng = np.random.default_rng(seed)
+    words = _draw_words(y_a.shape[0], int(n_boot), rng)
+    point, reps = [], []
+    for y, key in ((y_a, key_a), (y_b, key_b)):
+        _, n_jl, n_train = y.shape
+        point.append(float(_components(_mean_squares(y), np.zeros(()), n_jl, n_train)[key]))
+        draws = _draw_indices(y.shape, int(n_boot), "words", rng, words)
+        values = np.empty(int(n_boot))
+        for lo in range(0, int(n_boot), _CHUNK):
+            part = tuple(d[lo:lo + _CHUNK] for d in draws)
+            values[lo:lo + _CHUNK] = _components(_mean_squares(_take(y, part)), np.zeros(()), n_jl, n_train)[key]
+        reps.append(values)
+    return {"difference": point[0] - point[1], "a": point[0], "b": point[1],
+            "ci": _percentile_interval(reps[0] - reps[1], level), "key_a": key_a, "key_b": key_b,
+            "n_boot": int(n_boot), "seed": seed, "level": level}
+
+
 # ----------------------------------------------------------------------------- checks beside the bootstrap
 
 

@@ -1,0 +1,133 @@
+"""whose_bias.py: the crossed-design analysis of kept runs, on synthetic runs with known components."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bias_begets_bias.cli import InputError
+from statistical_auditing import whose_bias as wb
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "results" / "experiment" / "runs" / "w2v-jl0" / "config.json"
+WORDS = ["accountant", "architect", "artist", "author", "baker", "bartender", "bus driver", "butcher", "carpenter",
+         "cashier", "clerk", "coach", "cook", "dancer", "dentist", "designer", "doctor", "economist", "editor",
+         "electrician", "engineer", "farmer", "firefighter", "hairdresser", "janitor", "lawyer", "librarian",
+         "mechanic", "nurse practitioner", "pilot", "plumber", "poet", "professor", "receptionist", "secretary",
+         "singer", "surgeon", "tailor", "teacher", "writer"]
+SEEN = {"man": 0.03, "woman": 0.97, "person": 0.5}
+TRUTH = {"w2v": dict(word=0.08, slope=2.0), "debiased": dict(word=0.0, slope=0.0)}
+SD_JL, SD_TRAIN, N = 0.06, 0.04, 64
+
+
+def write_run(folder: Path, arm: str, jl: int, train: int, shares: dict[str, float], gaps: dict[str, float]) -> None:
+    config = json.loads(CONFIG.read_text())
+    config = copy.deepcopy(config) | {"debias": wb.ARM_DEBIAS[arm], "jl_seed": jl}
+    config["train"] = config["train"] | {"seed": train, "debias": wb.ARM_DEBIAS[arm], "jl_seed": jl}
+    (folder / "audit").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(zlib.crc32(f"{arm}-{jl}-{train}".encode()))
+    columns = ["word", "seen", "guidance", "method", "n", "successes", "share", "cosine_gap_w2v", "cosine_gap_jl"]
+    with open(folder / "audit" / "proportions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        for word, p in [*SEEN.items(), *shares.items()]:
+            for method, guidance in (("scoredecomp", 1), ("attribute", 1), ("scoredecomp", 3)):
+                successes = int(rng.binomial(N, float(np.clip(p, 0, 1))))
+                writer.writerow({"word": word, "seen": word in SEEN, "guidance": guidance, "method": method, "n": N,
+                                 "successes": successes, "share": successes / N,
+                                 "cosine_gap_w2v": gaps.get(word, 0.0), "cosine_gap_jl": gaps.get(word, 0.0) + 0.01 * jl})
+    (folder / "records.json").write_text(json.dumps({"train/x": {"starts": [{"commit": "0123456789abcdef"}]}}))
+
+
+@pytest.fixture(scope="module")
+def crossed_runs(tmp_path_factory) -> Path:
+    """Two arms x JL seeds {0, 1, 2} x training seeds {789, 1}: the w2v arm's words lean along a
+    planted gap with slope 2 plus a word part; the debiased arm has no word part at all."""
+    root = tmp_path_factory.mktemp("whose") / "runs"
+    rng = np.random.default_rng(7)
+    gaps = dict(zip(WORDS, rng.normal(0, 0.03, len(WORDS))))
+    planted = {}
+    for arm, truth in TRUTH.items():
+        own = rng.normal(0, truth["word"], len(WORDS)) if truth["word"] else np.zeros(len(WORDS))
+        base = {w: 0.5 + truth["slope"] * gaps[w] + own[i] for i, w in enumerate(WORDS)}
+        planted[arm] = float(np.std(list(base.values()), ddof=1))  # the word part these 40 words carry
+        by_jl = {jl: rng.normal(0, SD_JL, len(WORDS)) for jl in (0, 1, 2)}
+        by_train = {t: rng.normal(0, SD_TRAIN, len(WORDS)) for t in (789, 1)}
+        for jl in (0, 1, 2):
+            for train in (789, 1):
+                shares = {w: base[w] + by_jl[jl][i] + by_train[train][i] for i, w in enumerate(WORDS)}
+                name = f"{arm}-jl{jl}" + ("" if train == 789 else f"-s{train}")
+                assert 0.05 < min(shares.values()) and max(shares.values()) < 0.95  # no clipping
+                write_run(root / name, arm, jl, train, shares, gaps)
+    (root.parent / "planted.json").write_text(json.dumps(planted))
+    return root
+
+
+ARGS = ["--n_boot", "300", "--cv_repeats", "20", "--vocabulary", "800", "--neighbours", "20"]
+
+
+def test_the_analysis_recovers_the_planted_components(crossed_runs, tmp_path):
+    out = tmp_path / "analysis"
+    result = wb.main(["--runs", str(crossed_runs), "--out", str(out), *ARGS])
+    assert result["words"] == WORDS and result["dropped"] == []
+    w2v, debiased = result["results"]["w2v"], result["results"]["debiased"]
+    assert w2v.arm.shares.shape == (len(WORDS), 3, 2)
+    low, high = w2v.components["intervals"]["sd_word"]
+    planted = json.loads((crossed_runs.parent / "planted.json").read_text())
+    assert low <= planted["w2v"] <= high  # the sd of the word parts planted (own part + slope x gap)
+    assert debiased.components["intervals"]["sd_word"][0] < 0.03  # no word part planted
+    for arm in (w2v, debiased):
+        jl_low, jl_high = arm.components["intervals"]["sd_word_x_jl"]
+        assert jl_low <= SD_JL <= jl_high + 0.02
+    assert w2v.on_w2v["slope_ci"][0] <= 2.0 <= w2v.on_w2v["slope_ci"][1]
+    assert debiased.on_w2v["slope_ci"][0] <= 0.0 <= debiased.on_w2v["slope_ci"][1]
+    differences = {(r["contrast"], r["statistic"]): r for r in result["tables"]["differences"]}
+    assert differences[("debiased - w2v", "word variance")]["ci_high"] < 0  # debiasing removed the word part
+    seen = {(r["arm"], r["word"]): r for r in result["tables"]["seen"]}
+    assert seen[("w2v", "woman")]["runs"] == 6 and seen[("w2v", "woman")]["ci_low"] > 0.9
+    for name in ("components", "differences", "predictors", "per_run", "words", "seen"):
+        assert (out / f"{name}.csv").stat().st_size > 0
+    for name in ("components.png", "word_effects.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "40 unseen words, 12 runs" in report and "0123456" in report
+    assert str(tmp_path) not in report  # paths relative to the output folder
+    # the same flags give the same numbers (seeded bootstraps)
+    again = wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "again"), *ARGS])
+    assert (tmp_path / "again" / "components.csv").read_text() == (out / "components.csv").read_text()
+    assert again["tables"]["differences"] == result["tables"]["differences"]
+
+
+def test_bad_designs_are_refused_before_any_output(crossed_runs, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(crossed_runs, runs)
+    shutil.rmtree(runs / "debiased-jl1-s1")
+    with pytest.raises(InputError, match="debiased is not a complete grid.*missing JL 1 x training 1"):
+        wb.main(["--runs", str(runs), "--out", str(tmp_path / "out"), *ARGS])
+    shutil.copytree(runs / "debiased-jl1", runs / "copy-of-debiased-jl1")
+    with pytest.raises(InputError, match="the same run"):
+        wb.main(["--runs", str(runs), "--out", str(tmp_path / "out"), *ARGS])
+    with pytest.raises(InputError, match="--out.*inside the run"):
+        wb.main(["--runs", str(crossed_runs), "--out", str(crossed_runs / "w2v-jl0" / "x"), *ARGS])
+    with pytest.raises(InputError, match="--runs.*not a folder"):
+        wb.main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), *ARGS])
+    with pytest.raises(InputError, match="no rows of method"):
+        wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "out"), "--guidance", "2", *ARGS])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_arm_with_one_training_seed_is_refused(crossed_runs, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for folder in crossed_runs.iterdir():
+        if "-s1" not in folder.name:
+            shutil.copytree(folder, runs / folder.name)
+    with pytest.raises(InputError, match="needs at least 2 of each"):
+        wb.main(["--runs", str(runs), "--out", str(tmp_path / "out"), *ARGS])
