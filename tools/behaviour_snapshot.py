@@ -9,14 +9,20 @@ paths, and moves the result to --out. It runs the smoke experiment (data, three 
 dose-response, Lipschitz, combine, kept copies), fidelity, and the Stable Diffusion-family scripts
 (fairface, diff_prompts_same_score, diffusion_classifier, real_prompts_proportion) on a tiny
 random-weight SD pipeline and CLIP model (tests/tiny_models.py) and on a smoke pixel run, each at one
-torch thread. `compare` says which files differ: binary files byte for byte, text files after
-masking what differs between any two runs (times, commits, durations, hosts), and prints the
-first differing lines. Exit status 1 if anything differs.
+torch thread. `compare` says which files differ: safetensors by tensors and metadata (their metadata's
+byte order is not stable), CSV and JSON by value with timing fields masked (columns and keys
+named like seconds / time / wall), other files byte for byte or, for text, after masking what
+differs between any two runs (clock times, commits, durations, hosts); `--rename OLD=NEW`
+applies a known rename (a moved module's dotted path) to A's text first. Prints the first
+differing lines; exit status 1 if anything differs.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import difflib
+import io
+import json
 import os
 import re
 import shutil
@@ -121,12 +127,63 @@ def masked(text: str) -> list[str]:
     return text.splitlines()
 
 
+TIMING = re.compile(r"seconds|time|wall|^s / |_s$|elapsed|started|ended|^commit$|local_changes|changed_files|host|python")
+
+
+def masked_value(key: str, value):
+    """A JSON value with timing / provenance fields replaced by a placeholder, recursively."""
+    if TIMING.search(key):
+        return "<*>"
+    if isinstance(value, dict):
+        return {k: masked_value(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked_value(key + "[]", v) for v in value]
+    return value
+
+
+def comparable(path: Path, data: bytes, renames: list[tuple[str, str]]):
+    """What of a file must agree between two runs of the same code."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load
+
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        return {"metadata": header.get("__metadata__"), "tensors": {k: v.tolist() for k, v in load(data).items()}}
+    text = data.decode(errors="replace")
+    for old, new in renames:
+        text = text.replace(old, new)
+    if path.suffix == ".json":
+        return masked_value("", json.loads(text))
+    if path.suffix == ".csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        keep = [i for i, name in enumerate(rows[0]) if not TIMING.search(name)] if rows else []
+        return [[row[i] for i in keep if i < len(row)] for row in rows]
+    if path.suffix == ".md":
+        return masked(masked_tables(text))
+    if path.suffix in TEXT_SUFFIXES:
+        return masked(text)
+    return data
+
+
+def masked_tables(text: str) -> str:
+    """Markdown tables with their timing columns (headers named like seconds / time) blanked."""
+    lines, timing = text.splitlines(), []
+    for i, line in enumerate(lines):
+        cells = line.split("|")
+        if not line.startswith("|"):
+            timing = []
+        elif not timing and i + 1 < len(lines) and set(lines[i + 1].replace("|", "").strip()) <= {"-", ":"}:
+            timing = [j for j, cell in enumerate(cells) if TIMING.search(cell.strip().lower())]
+        else:
+            lines[i] = "|".join("<*>" if j in timing else cell for j, cell in enumerate(cells))
+    return "\n".join(lines)
+
+
 def files_of(folder: Path) -> set[Path]:
     return {p.relative_to(folder) for p in folder.rglob("*")
             if p.is_file() and not SKIP_PARTS & set(p.relative_to(folder).parts)}
 
 
-def compare(a: Path, b: Path) -> int:
+def compare(a: Path, b: Path, renames: list[tuple[str, str]]) -> int:
     files_a, files_b = files_of(a), files_of(b)
     problems = [f"only in {a}: {p}" for p in sorted(files_a - files_b)]
     problems += [f"only in {b}: {p}" for p in sorted(files_b - files_a)]
@@ -136,17 +193,19 @@ def compare(a: Path, b: Path) -> int:
         if bytes_a == bytes_b:
             same += 1
             continue
-        if path.suffix in TEXT_SUFFIXES:
-            lines_a, lines_b = masked(bytes_a.decode(errors="replace")), masked(bytes_b.decode(errors="replace"))
-            if lines_a == lines_b:
-                masked_same += 1
-                continue
-            diff = list(difflib.unified_diff(lines_a, lines_b, lineterm="", n=0))[2:8]
-            problems.append(f"differs: {path}\n    " + "\n    ".join(diff))
-        else:
+        value_a, value_b = comparable(path, bytes_a, renames), comparable(path, bytes_b, [])
+        if value_a == value_b:
+            masked_same += 1
+            continue
+        if isinstance(value_a, bytes):
             problems.append(f"differs (binary): {path}")
-    print(f"{len(files_a & files_b)} files in both: {same} byte-identical, {masked_same} identical once times, "
-          f"commits and durations are masked; {len(problems)} problems")
+            continue
+        lines_a, lines_b = (json.dumps(v, indent=1, default=str).splitlines() if not isinstance(v, list)
+                            or (v and not isinstance(v[0], str)) else v for v in (value_a, value_b))
+        diff = list(difflib.unified_diff(lines_a, lines_b, lineterm="", n=0))[2:8]
+        problems.append(f"differs: {path}\n    " + "\n    ".join(map(str, diff)))
+    print(f"{len(files_a & files_b)} files in both: {same} byte-identical, {masked_same} equal once timings, "
+          f"commits and the given renames are masked; {len(problems)} problems")
     print("\n".join(problems))
     return 1 if problems else 0
 
@@ -160,11 +219,16 @@ def main() -> int:
     compare_parser = sub.add_parser("compare")
     compare_parser.add_argument("a", type=Path)
     compare_parser.add_argument("b", type=Path)
+    compare_parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                                help="a known rename to apply to A's text first (repeatable)")
     args = parser.parse_args()
     if args.command == "run":
         run(args.code.resolve(), args.out.resolve())
         return 0
-    return compare(args.a, args.b)
+    renames = [tuple(item.split("=", 1)) for item in args.rename]
+    if any(len(pair) != 2 for pair in renames):
+        raise SystemExit("--rename: expected OLD=NEW")
+    return compare(args.a, args.b, renames)
 
 
 if __name__ == "__main__":
