@@ -22,6 +22,7 @@ to keep: the next command for its folder starts it again.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -32,7 +33,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -566,11 +567,99 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     atomic_write_bytes(out, buffer.getvalue())
 
 
-# ----------------------------------------------------------------------------- training
-def main(argv: list[str] | None = None) -> Path:
-    from accelerate import Accelerator
+# ----------------------------------------------------------------------------- stages of a run
+@dataclasses.dataclass
+class RunPlan:
+    """What a command trains: its settings (merged with a resumed run's), the UNet they describe,
+    the checkpoint to continue from (None: step 0) and the resumable settings it changes
+    ({setting: (saved, new)})."""
 
-    args = sys.argv[1:] if argv is None else list(argv)
+    cfg: dict
+    ucfg: UNetConfig
+    checkpoint: Path | None
+    changes: dict
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg["run_dir"])
+
+
+@dataclasses.dataclass
+class Processes:
+    """This process's place in an Accelerate run and the arithmetic it trains in."""
+
+    accelerator: Any
+    device: torch.device
+    precision: str  # fp32 | fp16 | bf16 (``auto`` resolved)
+    rank: int
+    world: int
+    main_process: bool
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """The words, the images of both splits (uint8, at --image_size) and the conditioning table."""
+
+    class_words: dict[str, list[str]]
+    classes: list[str]
+    vocabulary: list[str]
+    word_ids: list[list[int]]  # per class, its words as indices into vocabulary
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    table: torch.Tensor  # vocabulary -> conditioning word vector (after the JL projection)
+    jl: np.ndarray  # the JL projection matrix
+
+
+@dataclasses.dataclass
+class Weights:
+    """The model, its EMA, the optimizer and learning-rate schedule, restored from the plan's
+    checkpoint if any, and the run's length in optimizer steps."""
+
+    model: ConditionalUNet
+    ema_model: ConditionalUNet
+    optimizer: torch.optim.Optimizer
+    schedule: Any  # a torch lr scheduler (lr_scheduler)
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int  # 0, or the checkpoint's step
+    state: dict  # the checkpoint's state ({} without one)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a training step, validation, a sample grid and a checkpoint use, placed on the
+    device (``model`` and ``optimizer`` as Accelerate prepared them, ``base_model`` unwrapped)."""
+
+    cfg: dict
+    run_dir: Path
+    data: TrainingData
+    accelerator: Any
+    device: torch.device
+    rank: int
+    world: int
+    main_process: bool
+    model: Any
+    base_model: ConditionalUNet
+    ema_model: ConditionalUNet
+    optimizer: Any
+    schedule: Any
+    scaler: Any  # Accelerate's fp16 GradScaler, or None
+    ema: EMA
+    scheduler: Any  # the diffusers noise scheduler
+    alphas: torch.Tensor  # its alphas_cumprod on the device
+    table_dev: torch.Tensor  # the model's word table
+    memory_format: torch.memory_format
+    val_words: torch.Tensor
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int
+
+
+def plan_run(args: list[str]) -> RunPlan:
+    """The command line parsed and checked, as given and merged with the run in --run_dir
+    (``prepare_run``), before anything is read or written."""
     cfg, explicit = config_from_constants(constants_of(globals()), PRESETS, args, choices=CHOICES,
                                           description=__doc__.splitlines()[0], return_explicit=True)
     preset_given = any(a == "--preset" or a.startswith("--preset=") for a in args)
@@ -578,10 +667,16 @@ def main(argv: list[str] | None = None) -> Path:
     require_writable(Path(cfg["run_dir"]), "run_dir")
     cfg, checkpoint, changes = prepare_run(cfg, explicit, preset_given)
     check_config(cfg)  # ... and merged with a saved run's settings
-    ucfg = unet_config(cfg)
+    return RunPlan(cfg, unet_config(cfg), checkpoint, changes)
+
+
+def start_processes(cfg: dict) -> Processes:
+    """Torch's threads, the device and precision, and Accelerate's processes (every one has read
+    the run folder when this returns, so the main one may write to it)."""
+    from accelerate import Accelerator
+
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
-
     device = resolve_device(cfg["device"])
     precision = cfg["precision"]
     if precision == "auto":
@@ -589,9 +684,14 @@ def main(argv: list[str] | None = None) -> Path:
     require(precision != "fp16" or device.type == "cuda", "--precision fp16: needs a CUDA device")
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
     accelerator.wait_for_everyone()  # every process has read the run folder before the main one writes to it
-    device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main_process = accelerator.is_main_process
+    return Processes(accelerator, accelerator.device, precision, accelerator.process_index,
+                     accelerator.num_processes, accelerator.is_main_process)
+
+
+def load_data(cfg: dict, ucfg: UNetConfig, device: torch.device) -> TrainingData:
+    """The class words, both splits of the dataset (after ``check_room``, then ``check_dataset``)
+    and the word table."""
+    from bias_begets_bias.word_vectors import word_table
 
     class_words = load_class_words(Path(cfg["class_words"]))
     classes = list(class_words)
@@ -606,24 +706,30 @@ def main(argv: list[str] | None = None) -> Path:
                                   for split, labels in (("train", train_labels), ("test", val_labels))},
                   cfg["class_balance"])
 
-    from bias_begets_bias.word_vectors import word_table
     table, jl = word_table(vocabulary, source=cfg["embedding"], debias=cfg["debias"], jl_seed=cfg["jl_seed"],
                            dim=cfg["jl_dim"])
     table = torch.from_numpy(np.asarray(table, dtype=np.float32))
+    return TrainingData(class_words, classes, vocabulary, word_ids, train_images, train_labels, val_images,
+                        val_labels, table, jl)
 
+
+def build_weights(plan: RunPlan, data: TrainingData) -> Weights:
+    """Model and EMA (initial weights from --seed), AdamW and the learning-rate schedule over the
+    run's steps, all restored from the plan's checkpoint if there is one."""
+    cfg, run_dir, checkpoint = plan.cfg, plan.run_dir, plan.checkpoint
     torch.manual_seed(cfg["seed"])  # initial weights
-    model = ConditionalUNet(ucfg, table)
-    ema_model = ConditionalUNet(ucfg, table)
+    model = ConditionalUNet(plan.ucfg, data.table)
+    ema_model = ConditionalUNet(plan.ucfg, data.table)
     ema_model.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], eps=cfg["adam_eps"],
                                   weight_decay=cfg["weight_decay"])
-    steps_per_epoch = len(epoch_plan(train_labels, word_ids, cfg["batch_size"], cfg["pair_order"], cfg["seed"], 0))
+    steps_per_epoch = len(epoch_plan(data.train_labels, data.word_ids, cfg["batch_size"], cfg["pair_order"],
+                                     cfg["seed"], 0))
     total_steps = steps_per_epoch * cfg["epochs"]
     if cfg["max_steps"] > 0:
         total_steps = min(total_steps, cfg["max_steps"])
     schedule = lr_scheduler(optimizer, cfg, total_steps)
 
-    run_dir = Path(cfg["run_dir"])
     start_step, state = 0, {}
     if checkpoint is not None:
         tensors, state = load_checkpoint(checkpoint)
@@ -638,174 +744,235 @@ def main(argv: list[str] | None = None) -> Path:
         else:  # another length (an explicit --epochs/--max_steps), or a checkpoint from before scheduler states
             schedule = lr_scheduler_at(optimizer, cfg, total_steps, start_step)
         say(f"resuming {run_dir} from {checkpoint.name} (step {start_step} of {total_steps})")
+    return Weights(model, ema_model, optimizer, schedule, steps_per_epoch, total_steps, start_step, state)
 
-    if main_process:
-        writable_folder(run_dir, "run_dir")
-        writable_folder(run_dir / "checkpoints", "run_dir")
-        remove_orphaned_checkpoints(run_dir)
-        remove_orphaned_temporaries(run_dir)
-        if checkpoint is None:
-            conditioning = safetensors_bytes({"jl_matrix": torch.from_numpy(np.ascontiguousarray(jl, dtype=np.float32)),
-                                              "word_table": table.contiguous()})
-            atomic_write_bytes(run_dir / "conditioning.safetensors", conditioning)
-            train_record = recorded_settings(cfg, run_dir)
-            record = {"train": train_record, "unet": ucfg.to_dict(), "words": vocabulary, "classes": classes,
-                      "class_words": class_words, "class_words_file": train_record["class_words"],
-                      "class_words_sha256": file_sha256(Path(cfg["class_words"])),
-                      "embedding": train_record["embedding"], "debias": cfg["debias"],
-                      "jl_seed": cfg["jl_seed"], "jl_dim": cfg["jl_dim"], "prediction": cfg["prediction"],
-                      "beta_schedule": cfg["beta_schedule"], "num_train_timesteps": cfg["num_train_timesteps"],
-                      "min_timestep": cfg["min_timestep"], "ddpm_variance": cfg["ddpm_variance"],
-                      "conditioning_sha256": sha256_hex(conditioning), "dataset_path": train_record["dataset_path"],
-                      "precision": precision, "processes": world}
-            atomic_write_json(run_dir / "config.json", record)
-        elif any(k in PERSISTED_OVERRIDES for k in changes):
-            record = read_run_config(run_dir / "config.json")
-            persisted = recorded_settings({k: new for k, (_, new) in changes.items() if k in PERSISTED_OVERRIDES},
-                                          run_dir)
-            record["train"].update(persisted)
-            record.setdefault("resumes", []).append({"step": start_step, "changed": persisted})
-            atomic_write_json(run_dir / "config.json", record)
 
+def write_run_folder(plan: RunPlan, processes: Processes, data: TrainingData, start_step: int) -> None:
+    """The run folder made ready (main process only): leftovers of a killed run removed, and a new
+    run's conditioning.safetensors and config.json written, or a resumed run's config.json
+    updated with the settings this command changes for good (PERSISTED_OVERRIDES)."""
+    cfg, run_dir, changes = plan.cfg, plan.run_dir, plan.changes
+    writable_folder(run_dir, "run_dir")
+    writable_folder(run_dir / "checkpoints", "run_dir")
+    remove_orphaned_checkpoints(run_dir)
+    remove_orphaned_temporaries(run_dir)
+    if plan.checkpoint is None:
+        conditioning = safetensors_bytes({"jl_matrix": torch.from_numpy(np.ascontiguousarray(data.jl,
+                                                                                              dtype=np.float32)),
+                                          "word_table": data.table.contiguous()})
+        atomic_write_bytes(run_dir / "conditioning.safetensors", conditioning)
+        train_record = recorded_settings(cfg, run_dir)
+        record = {"train": train_record, "unet": plan.ucfg.to_dict(), "words": data.vocabulary,
+                  "classes": data.classes, "class_words": data.class_words,
+                  "class_words_file": train_record["class_words"],
+                  "class_words_sha256": file_sha256(Path(cfg["class_words"])),
+                  "embedding": train_record["embedding"], "debias": cfg["debias"],
+                  "jl_seed": cfg["jl_seed"], "jl_dim": cfg["jl_dim"], "prediction": cfg["prediction"],
+                  "beta_schedule": cfg["beta_schedule"], "num_train_timesteps": cfg["num_train_timesteps"],
+                  "min_timestep": cfg["min_timestep"], "ddpm_variance": cfg["ddpm_variance"],
+                  "conditioning_sha256": sha256_hex(conditioning), "dataset_path": train_record["dataset_path"],
+                  "precision": processes.precision, "processes": processes.world}
+        atomic_write_json(run_dir / "config.json", record)
+    elif any(k in PERSISTED_OVERRIDES for k in changes):
+        record = read_run_config(run_dir / "config.json")
+        persisted = recorded_settings({k: new for k, (_, new) in changes.items() if k in PERSISTED_OVERRIDES},
+                                      run_dir)
+        record["train"].update(persisted)
+        record.setdefault("resumes", []).append({"step": start_step, "changed": persisted})
+        atomic_write_json(run_dir / "config.json", record)
+
+
+def prepare_trainer(plan: RunPlan, processes: Processes, data: TrainingData, weights: Weights) -> Trainer:
+    """The weights placed on the device and handed to Accelerate (the lr scheduler stays ours: one
+    step per optimizer step), the fp16 GradScaler restored, and the noise scheduler built."""
+    cfg, accelerator, device = plan.cfg, processes.accelerator, processes.device
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    ema_model.to(device, memory_format=memory_format).eval()
-    model, optimizer = accelerator.prepare(model, optimizer)  # the lr scheduler stays ours: one step per step
+    weights.model.to(device, memory_format=memory_format)
+    weights.ema_model.to(device, memory_format=memory_format).eval()
+    model, optimizer = accelerator.prepare(weights.model, weights.optimizer)
     scaler = getattr(accelerator, "scaler", None)
-    restore_grad_scaler(scaler, state.get("grad_scaler"))
+    restore_grad_scaler(scaler, weights.state.get("grad_scaler"))
     base_model = accelerator.unwrap_model(model)
     ema = EMA(cfg["ema_beta"], cfg["ema_warmup"])
     scheduler = train_scheduler(cfg["num_train_timesteps"], cfg["beta_schedule"], cfg["prediction"],
                                 cfg["ddpm_variance"])
-    alphas = scheduler.alphas_cumprod.to(device)
-    table_dev = base_model.word_table
+    return Trainer(cfg=cfg, run_dir=plan.run_dir, data=data, accelerator=accelerator, device=device,
+                   rank=processes.rank, world=processes.world, main_process=processes.main_process,
+                   model=model, base_model=base_model, ema_model=weights.ema_model, optimizer=optimizer,
+                   schedule=weights.schedule, scaler=scaler, ema=ema, scheduler=scheduler,
+                   alphas=scheduler.alphas_cumprod.to(device), table_dev=base_model.word_table,
+                   memory_format=memory_format, val_words=validation_words(data.val_labels, data.word_ids),
+                   steps_per_epoch=weights.steps_per_epoch, total_steps=weights.total_steps,
+                   start_step=weights.start_step)
 
-    def loss_on(net, images_u8, words, step_seed, drop_p, aug, shard=True, shift=cfg["timestep_shift"]):
-        """Loss of one batch: sum_i w_i * weight(t_i) * mean((net(x_t) - target)^2) over this
-        process's samples i, with w_i from ``shard_of`` (the global batch mean after DDP's
-        gradient average); ``shard=False`` scores the whole batch here (w_i = 1/n).
-        Every random draw comes from ``step_seed`` and covers the whole batch."""
-        g = torch.Generator().manual_seed(step_seed)
-        n = len(images_u8)
-        x0 = images_u8.float() / 127.5 - 1
-        x0 = augment(x0, aug, g)
-        t = training_timesteps(n, cfg["min_timestep"], cfg["num_train_timesteps"], shift, g)
-        noise = torch.randn(x0.shape, generator=g)
-        keep = (torch.rand(n, generator=g) >= drop_p).float()[:, None]
-        mine, share = shard_of(n, rank, world) if shard else (torch.arange(n), torch.full((n,), 1 / n))
-        x0, t, noise, keep, words, share = x0[mine].to(device), t[mine].to(device), noise[mine].to(device), \
-            keep[mine].to(device), words[mine].to(device), share.to(device)
-        x0 = x0.contiguous(memory_format=memory_format)
-        x_t = scheduler.add_noise(x0, noise, t)
-        target = training_target(scheduler, x0, noise, t, cfg["prediction"])
-        with accelerator.autocast():
-            out = net(x_t, t, table_dev[words] * keep)
-        per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        weights = min_snr_weight(alphas, t, cfg["min_snr_gamma"], cfg["prediction"])
-        return (per_sample * weights * share).sum()
 
-    val_words = validation_words(val_labels, word_ids)
+# ----------------------------------------------------------------------------- training
+def loss_on(tr: Trainer, net, images_u8: torch.Tensor, words: torch.Tensor, step_seed: int, drop_p: float,
+            aug: str, shard: bool = True, shift: float | None = None) -> torch.Tensor:
+    """Loss of one batch: sum_i w_i * weight(t_i) * mean((net(x_t) - target)^2) over this
+    process's samples i, with w_i from ``shard_of`` (the global batch mean after DDP's
+    gradient average); ``shard=False`` scores the whole batch here (w_i = 1/n); ``shift``
+    None = --timestep_shift. Every random draw comes from ``step_seed`` and covers the whole batch."""
+    cfg, device = tr.cfg, tr.device
+    shift = cfg["timestep_shift"] if shift is None else shift
+    g = torch.Generator().manual_seed(step_seed)
+    n = len(images_u8)
+    x0 = images_u8.float() / 127.5 - 1
+    x0 = augment(x0, aug, g)
+    t = training_timesteps(n, cfg["min_timestep"], cfg["num_train_timesteps"], shift, g)
+    noise = torch.randn(x0.shape, generator=g)
+    keep = (torch.rand(n, generator=g) >= drop_p).float()[:, None]
+    mine, share = shard_of(n, tr.rank, tr.world) if shard else (torch.arange(n), torch.full((n,), 1 / n))
+    x0, t, noise, keep, words, share = x0[mine].to(device), t[mine].to(device), noise[mine].to(device), \
+        keep[mine].to(device), words[mine].to(device), share.to(device)
+    x0 = x0.contiguous(memory_format=tr.memory_format)
+    x_t = tr.scheduler.add_noise(x0, noise, t)
+    target = training_target(tr.scheduler, x0, noise, t, cfg["prediction"])
+    with tr.accelerator.autocast():
+        out = net(x_t, t, tr.table_dev[words] * keep)
+    per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    weights = min_snr_weight(tr.alphas, t, cfg["min_snr_gamma"], cfg["prediction"])
+    return (per_sample * weights * share).sum()
 
-    @torch.no_grad()
-    def validate(net) -> float:
-        """Mean loss over ALL held-out images (run on the main process only, unsharded)."""
-        net.eval()
-        return validation_loss(lambda idx, start: float(loss_on(net, val_images[idx], val_words[idx],
-                                                                derived_seed(cfg["seed"], "val", start), 0.0,
-                                                                "none", shard=False, shift=1.0)),
-                               len(val_images))
 
-    def save_samples(tag: str) -> None:
-        g = torch.Generator().manual_seed(derived_seed(cfg["seed"], "samples"))
-        vectors = ema_model.word_table.cpu().repeat_interleave(cfg["sample_per_word"], dim=0)  # the checkpoint's
-        images = sample(ema_model, vectors, sampling_scheduler(scheduler, cfg["sampler"], cfg["sample_steps"]),
-                        cfg["guidance"], g)
-        save_image_grid(images, run_dir / "samples" / f"{tag}.png", nrow=cfg["sample_per_word"], labels=vocabulary)
+@torch.no_grad()
+def validate(tr: Trainer, net) -> float:
+    """Mean loss over ALL held-out images (run on the main process only, unsharded)."""
+    net.eval()
+    data, seed = tr.data, tr.cfg["seed"]
+    return validation_loss(lambda idx, start: float(loss_on(tr, net, data.val_images[idx], tr.val_words[idx],
+                                                            derived_seed(seed, "val", start), 0.0,
+                                                            "none", shard=False, shift=1.0)),
+                           len(data.val_images))
 
-    def checkpoint_now(step: int, epoch: int) -> None:
-        if main_process:
-            save_checkpoint(run_dir, step, base_model, ema_model, optimizer,
-                            {"epoch": epoch, "total_steps": total_steps, "lr_scheduler": schedule.state_dict(),
-                             "grad_scaler": grad_scaler_state(scaler)},
-                            keep=cfg["keep_checkpoints"])
 
-    def end_of_epoch_work(step: int) -> None:
-        """Validation row, loss plot and (when due) the EMA sample grid after ``step``; parts a
-        killed run already finished (logged row, written grid) are not repeated."""
-        epoch_end = step % steps_per_epoch == 0
-        done_epochs = step // steps_per_epoch
-        if step not in metrics.validated:
-            val, val_ema = validate(base_model), validate(ema_model)
-            model.train()
-            metrics.log(step=step, epoch=(step - 1) // steps_per_epoch, val_loss=f"{val:.6f}",
-                        val_loss_ema=f"{val_ema:.6f}", seconds=f"{time.perf_counter() - started:.1f}")
-        plot_losses(run_dir / "metrics.csv", run_dir / "loss.png")
-        if step == total_steps or (cfg["sample_every"] and done_epochs % cfg["sample_every"] == 0):
-            tag = f"epoch-{done_epochs:03d}" if epoch_end else f"step-{step:08d}"
-            if not (run_dir / "samples" / f"{tag}.png").is_file():
-                save_samples(tag)
+def save_samples(tr: Trainer, tag: str) -> None:
+    """The EMA model's sample grid, --sample_per_word images per word, as samples/<tag>.png."""
+    cfg = tr.cfg
+    g = torch.Generator().manual_seed(derived_seed(cfg["seed"], "samples"))
+    vectors = tr.ema_model.word_table.cpu().repeat_interleave(cfg["sample_per_word"], dim=0)  # the checkpoint's
+    images = sample(tr.ema_model, vectors, sampling_scheduler(tr.scheduler, cfg["sampler"], cfg["sample_steps"]),
+                    cfg["guidance"], g)
+    save_image_grid(images, tr.run_dir / "samples" / f"{tag}.png", nrow=cfg["sample_per_word"],
+                    labels=tr.data.vocabulary)
 
-    metrics = MetricsLog(run_dir / "metrics.csv", start_step, cfg["wandb"], cfg) if main_process else None
-    step = start_step
+
+def checkpoint_now(tr: Trainer, step: int, epoch: int) -> None:
+    """The checkpoint after ``step`` (main process only)."""
+    if tr.main_process:
+        save_checkpoint(tr.run_dir, step, tr.base_model, tr.ema_model, tr.optimizer,
+                        {"epoch": epoch, "total_steps": tr.total_steps, "lr_scheduler": tr.schedule.state_dict(),
+                         "grad_scaler": grad_scaler_state(tr.scaler)},
+                        keep=tr.cfg["keep_checkpoints"])
+
+
+def end_of_epoch_work(tr: Trainer, metrics: MetricsLog, started: float, step: int) -> None:
+    """Validation row, loss plot and (when due) the EMA sample grid after ``step``; parts a
+    killed run already finished (logged row, written grid) are not repeated."""
+    epoch_end = step % tr.steps_per_epoch == 0
+    done_epochs = step // tr.steps_per_epoch
+    if step not in metrics.validated:
+        val, val_ema = validate(tr, tr.base_model), validate(tr, tr.ema_model)
+        tr.model.train()
+        metrics.log(step=step, epoch=(step - 1) // tr.steps_per_epoch, val_loss=f"{val:.6f}",
+                    val_loss_ema=f"{val_ema:.6f}", seconds=f"{time.perf_counter() - started:.1f}")
+    plot_losses(tr.run_dir / "metrics.csv", tr.run_dir / "loss.png")
+    if step == tr.total_steps or (tr.cfg["sample_every"] and done_epochs % tr.cfg["sample_every"] == 0):
+        tag = f"epoch-{done_epochs:03d}" if epoch_end else f"step-{step:08d}"
+        if not (tr.run_dir / "samples" / f"{tag}.png").is_file():
+            save_samples(tr, tag)
+
+
+def refuse_non_finite(run_dir: Path, batch_loss: torch.Tensor, step: int) -> NoReturn:
+    """Stop a run whose training loss is no longer finite, saying what its folder keeps."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        raise InputError(f"training loss became {float(batch_loss)} at step {step}, before any "
+                         f"checkpoint, so nothing trained is kept; rerun with a lower --lr (the folder "
+                         f"{run_dir} accepts the corrected command)")
+    raise InputError(f"training loss became {float(batch_loss)} at step {step}; {run_dir} keeps its "
+                     f"checkpoint {last.name} (resuming it would repeat the same steps); start a new "
+                     f"--run_dir with a lower --lr")
+
+
+def training_loop(tr: Trainer, metrics: MetricsLog | None, started: float) -> int:
+    """Train from ``tr.start_step`` to ``tr.total_steps`` (first finishing the end-of-epoch work a
+    kill may have cut short), with checkpoints, metrics rows and end-of-epoch work on the way;
+    returns the step reached."""
+    cfg, accelerator, model, run_dir = tr.cfg, tr.accelerator, tr.model, tr.run_dir
+    steps_per_epoch, total_steps, step = tr.steps_per_epoch, tr.total_steps, tr.start_step
+    if tr.main_process and step > 0 and (step % steps_per_epoch == 0 or step == total_steps):
+        end_of_epoch_work(tr, metrics, started, step)  # a kill may have come between the checkpoint and this work
+    accelerator.wait_for_everyone()
+    progress = progress_bar(total=total_steps, initial=step, unit="step", disable=not tr.main_process,
+                            desc=f"training {run_dir.name}")
+    model.train()
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        plan = epoch_plan(tr.data.train_labels, tr.data.word_ids, cfg["batch_size"], cfg["pair_order"], cfg["seed"],
+                          epoch)
+        for images_idx, words in plan[position:]:
+            if step >= total_steps:
+                break
+            lr_now = tr.schedule.get_last_lr()[0]
+            loss = loss_on(tr, model, tr.data.train_images[images_idx], words, derived_seed(cfg["seed"], "step", step),
+                           cfg["cond_dropout"], cfg["augment"])
+            # the global batch mean, the same number on every process (so all stop together)
+            batch_loss = accelerator.reduce(loss.detach(), reduction="mean") if tr.world > 1 else loss.detach()
+            if not torch.isfinite(batch_loss):
+                refuse_non_finite(run_dir, batch_loss, step)
+            tr.optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg["grad_clip"] > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            tr.optimizer.step()
+            step_scheduler(tr.schedule)
+            tr.ema.update(tr.ema_model, tr.base_model, step)
+            step += 1
+            progress.update(1)
+            if metrics is not None:
+                metrics.log(step=step, epoch=epoch, train_loss=f"{float(batch_loss):.6f}", lr=f"{lr_now:.3e}",
+                            seconds=f"{time.perf_counter() - started:.1f}")
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % cfg["checkpoint_every"] == 0 or end_of_epoch or step == total_steps:
+                checkpoint_now(tr, step, epoch)
+            if end_of_epoch or step == total_steps:
+                if tr.main_process:
+                    end_of_epoch_work(tr, metrics, started, step)
+                accelerator.wait_for_everyone()
+    progress.close()
+    return step
+
+
+def train(tr: Trainer) -> None:
+    """The training loop with its metrics log (main process), then the closing line."""
+    metrics = MetricsLog(tr.run_dir / "metrics.csv", tr.start_step, tr.cfg["wandb"], tr.cfg) if tr.main_process \
+        else None
     started = time.perf_counter()
     try:
-        if main_process and start_step > 0 and (start_step % steps_per_epoch == 0 or start_step == total_steps):
-            end_of_epoch_work(start_step)  # a kill may have come between the checkpoint and this work
-        accelerator.wait_for_everyone()
-        progress = progress_bar(total=total_steps, initial=start_step, unit="step", disable=not main_process,
-                                desc=f"training {run_dir.name}")
-        model.train()
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            plan = epoch_plan(train_labels, word_ids, cfg["batch_size"], cfg["pair_order"], cfg["seed"], epoch)
-            for images_idx, words in plan[position:]:
-                if step >= total_steps:
-                    break
-                lr_now = schedule.get_last_lr()[0]
-                loss = loss_on(model, train_images[images_idx], words, derived_seed(cfg["seed"], "step", step),
-                               cfg["cond_dropout"], cfg["augment"])
-                # the global batch mean, the same number on every process (so all stop together)
-                batch_loss = accelerator.reduce(loss.detach(), reduction="mean") if world > 1 else loss.detach()
-                if not torch.isfinite(batch_loss):
-                    last = latest_checkpoint(run_dir)
-                    if last is None:
-                        raise InputError(f"training loss became {float(batch_loss)} at step {step}, before any "
-                                         f"checkpoint, so nothing trained is kept; rerun with a lower --lr (the folder "
-                                         f"{run_dir} accepts the corrected command)")
-                    raise InputError(f"training loss became {float(batch_loss)} at step {step}; {run_dir} keeps its "
-                                     f"checkpoint {last.name} (resuming it would repeat the same steps); start a new "
-                                     f"--run_dir with a lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if cfg["grad_clip"] > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                optimizer.step()
-                step_scheduler(schedule)
-                ema.update(ema_model, base_model, step)
-                step += 1
-                progress.update(1)
-                if metrics is not None:
-                    metrics.log(step=step, epoch=epoch, train_loss=f"{float(batch_loss):.6f}", lr=f"{lr_now:.3e}",
-                                seconds=f"{time.perf_counter() - started:.1f}")
-                end_of_epoch = step % steps_per_epoch == 0
-                if step % cfg["checkpoint_every"] == 0 or end_of_epoch or step == total_steps:
-                    checkpoint_now(step, epoch)
-                if end_of_epoch or step == total_steps:
-                    if main_process:
-                        end_of_epoch_work(step)
-                    accelerator.wait_for_everyone()
-        progress.close()
+        step = training_loop(tr, metrics, started)
     finally:
         if metrics is not None:
             metrics.close()
-    if main_process:
-        if step == start_step:
-            print(f"{run_dir} is already trained to step {step} of {total_steps}; its end-of-run work "
+    if tr.main_process:
+        if step == tr.start_step:
+            print(f"{tr.run_dir} is already trained to step {step} of {tr.total_steps}; its end-of-run work "
                   f"(validation, loss plot, sample grid) is done")
         else:
-            print(f"trained {step - start_step} steps in {(time.perf_counter() - started) / 60:.1f} min; "
-                  f"run folder: {run_dir}")
-    return run_dir
+            print(f"trained {step - tr.start_step} steps in {(time.perf_counter() - started) / 60:.1f} min; "
+                  f"run folder: {tr.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train (or resume) the run the command line describes; returns its folder."""
+    plan = plan_run(sys.argv[1:] if argv is None else list(argv))
+    processes = start_processes(plan.cfg)
+    data = load_data(plan.cfg, plan.ucfg, processes.device)
+    weights = build_weights(plan, data)
+    if processes.main_process:
+        write_run_folder(plan, processes, data, weights.start_step)
+    train(prepare_trainer(plan, processes, data, weights))
+    return plan.run_dir
 
 
 if __name__ == "__main__":

@@ -52,18 +52,20 @@ run or inside another run's folder is refused before any work (utils.check_outpu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bias_begets_bias.cli import (InputError, config_from_constants, constants_of, parse_distinct_numbers,
                                     require, run_main)
-from bias_begets_bias.fidelity_bar import expected_shares, fidelity_row, format_table
+from bias_begets_bias.fidelity_bar import expected_shares, fidelity_row
 from bias_begets_bias.pipeline import AUDIT_SAMPLE_STEPS, AUDIT_SAMPLER, SAMPLERS
 from bias_begets_bias.portraits import SCENES, measure_attributes
 from bias_begets_bias.utils import (DATA_DIR, atomic_write_json, atomic_write_text, check_output_folder,
@@ -73,6 +75,8 @@ from bias_begets_bias.utils import (DATA_DIR, atomic_write_json, atomic_write_te
                                           resolve_device, run_identity, save_image_grid, writable_folder)
 from bias_begets_bias.word_vectors import embedding_bias, load_word_vectors, pick_unseen, vocabulary_form
 from statistical_auditing.core.elbo import elbo_classify
+from statistical_auditing.from_scratch.audit_report import (AuditReport, Control, Measured, Verdicts, WordChoice,
+                                                            write_report)
 from statistical_auditing.from_scratch.experiment_stats import hierarchical_regression, pooled_share
 from statistical_auditing.core.labelled_images import CLASS_WORDS, images_to_tensor, open_labelled_images
 from statistical_auditing.from_scratch.sampling import (CANDIDATES, FEMALE, MALE, METHOD_NAMES, UNDECIDED, X_VARIANTS,
@@ -140,14 +144,6 @@ OUTPUT_PATTERNS = ("*.png",)
 
 
 # ----------------------------------------------------------------------------- small helpers
-def fmt_share(row: dict | None) -> str:
-    if row is None:
-        return "-"
-    if not row["n"]:
-        return f"n/a (0 of {row['n'] + row.get('n_undetermined', 0)} decided)"
-    return f"{row['share']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] ({row['successes']}/{row['n']})"
-
-
 class Timer:
     """Wall time per stage, printed as each stage ends and kept for the report."""
 
@@ -364,7 +360,7 @@ def instrument_rows(word: str, guidance: float, rule: list[dict], classifier: li
     return rows
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- regression
 def regression_fits(rows: list[dict], guidances: list[float], methods: list[str], cfg: dict, out: Path) -> list[dict]:
     """Female share on each measure of embedding bias over the unseen words, per scale and method."""
     fits = []
@@ -392,190 +388,69 @@ def regression_fits(rows: list[dict], guidances: list[float], methods: list[str]
     return fits
 
 
-def _ci(low: float, high: float, spec: str = ".3g") -> str:
-    return f"[{low:{spec}}, {high:{spec}}]"
+# ----------------------------------------------------------------------------- the stages of main
+@dataclasses.dataclass
+class AuditInputs:
+    """What every stage reads: the flags, the model, the output folder and the dataset, checked."""
+
+    cfg: dict
+    k_list: list[int]  # --k_list
+    guidances: list[float]  # --guidance
+    device: Any  # utils.resolve_device(--device)
+    score_model: PixelScoreModel  # the run's model; its .run is the run
+    out: Path  # the audit's folder, checked but not yet claimed
+    owner: dict  # the record that claims it (utils.claim_output_folder)
+    dataset: Path  # <root>/<size> with test/
+    source: str  # the dataset's source (utils.dataset_source): "procedural" for the renders
+    attribute_note: str  # why the attribute rules are skipped ("" on procedural data)
+    methods: list[str]  # gender calls: scoredecomp, then attribute (procedural data) and elbo (--elbo)
+
+    @property
+    def run(self):
+        return self.score_model.run
+
+    @property
+    def procedural(self) -> bool:
+        return self.source == "procedural"
 
 
-def write_report(out: Path, ctx: dict) -> None:
-    cfg, run = ctx["cfg"], ctx["run"]
-    rows, fits, guidances, methods = ctx["rows"], ctx["fits"], ctx["guidances"], ctx["methods"]
-    by_key = {(r["word"], r["guidance"], r["method"]): r for r in rows}
-    info = ctx["control"]["info"]
-    n_seen = cfg["n_seeds"] * cfg["n_per_seed"]
-    lines = [f"# Bias audit of `{ctx['run_name']}`", ""]
-    lines += [
-        "The model was trained on gender-balanced images, each image with the words of its class "
-        f"({', '.join(run.words)}), through a word embedding that may itself be gender-biased. This audit "
-        f"asks whether the embedding's bias reaches the images: it draws {n_seen} images per training word "
-        f"({cfg['n_seeds']} sampling seeds x {cfg['n_per_seed']}) and {cfg['n_per_word']} per unseen word at each "
-        "guidance scale, and counts how many show a woman (female-presenting: long hair in these portraits) or a "
-        "man (short hair). The gender of an image is called by the **hair rule** (hair length measured from the "
-        "pixels; exact on the renders; blurred or hybrid samples are \"unclear\" and left out of the share), by "
-        "**ScoreDecomp** (the model's own view: the weights w of eps(x_t, base) ~ w_man eps(x_t, man) + w_woman "
-        "eps(x_t, woman), w >= 0, sum 1, at the image's noised version x_t"
-        + ("; the call is calibrated: female when w_woman - w_man exceeds a threshold chosen on held-out labelled "
-           "images" if cfg["call"] == "calibrated" else "; female when w_woman > w_man") + ")"
-        + (", and by the **ELBO classifier**" if ctx["elbo"] else "")
-        + ". Every share comes with its 95% Wilson interval. The controls come first: a metric that fails "
-        "them is wrong, and unseen-word results of a model that fails them must not be trusted.", ""]
-    lines += ["**Controls: " + ("all passed.**" if not ctx["failed"] else
-                                "FAILED: " + "; ".join(ctx["failed"]) + ". Treat the results below with "
-                                "suspicion.**"), ""]
-    lines += ["## Setup", "", "| setting | value |", "|---|---|"]
-    setup = [
-        ("run", f"`{ctx['run_name']}`, training step {run.step}"),
-        ("embedding", f"{run.config['embedding']}, debias: {run.config['debias']}, JL seed "
-                      f"{run.config['jl_seed']} ({run.jl_matrix.shape[0]} -> {run.jl_matrix.shape[1]} dims)"),
-        ("dataset", f"`{ctx['dataset']}` (source: {ctx['source'] or 'unknown'})"),
-        ("sampler", f"{cfg['sampler']}, {cfg['sample_steps']} steps, guidance scales "
-                    f"{', '.join(f'{g:g}' for g in guidances)}"),
-        ("ScoreDecomp", f"k = {ctx['k']} (timestep t = {ctx['t']}; {info['k_origin']}; {cfg['num_inference_steps']} "
-                        f"inference steps), candidates {' / '.join(CANDIDATES)}, base = "
-                        + (f"the word itself (\"{cfg['control_base']}\" for the candidate words)"
-                           if cfg["scoredecomp_base"] == "word" else f"\"{cfg['scoredecomp_base']}\" for every word")
-                        + f", call: {cfg['call']}"
-                        + (f" (threshold {info['threshold']:+.4f})" if cfg["call"] == "calibrated" else "")),
-        ("ELBO classifier", f"{cfg['elbo_samples']} timesteps per image" if ctx["elbo"] else "off"),
-        ("seeds", f"base seed {cfg['seed']}; sampling seeds and per-image noise keys derived from it "
-                  f"(bias_begets_bias.utils.derived_seed); bootstrap seed {cfg['seed']}, {cfg['n_boot']} "
-                  f"resamples"),
-        ("device", str(ctx["device"])),
-        ("samples", f"{ctx['sampled']} sample sets sampled now, {ctx['cached']} read from the cache"),
-        ("time per stage", ", ".join(f"{name} {sec:.0f} s" for name, sec in ctx["timer"].stages.items())),
-    ]
-    lines += [f"| {k} | {v} |" for k, v in setup] + [""]
+@dataclasses.dataclass
+class WordDraws:
+    """One word's sample sets at one guidance scale (one per sampling seed) and their calls."""
 
-    lines += ["## Controls", "", "### 1. ScoreDecomp gender accuracy on held-out labelled images", ""]
-    lines += [f"{info['n_images']} test images of `{info['test_folder']}` ({info['n_female']} female, "
-              f"{info['n_male']} male; labels from the class words), split alternately into a selection half (k is "
-              f"chosen there) and a report half (the accuracy reported for that k). Base \"{cfg['control_base']}\", "
-              "candidates \"man\" / \"woman\"; every k uses the same noise per image (keyed by the image id). AUC: "
-              "how well w_woman - w_man separates the genders whatever the threshold.", "",
-              "| k | t | selection: accuracy (AUC) | report: accuracy [95% CI] | report: AUC |", "|---|---|---|---|---|"]
-    for r in ctx["control"]["rows"]:
-        mark = " **(used)**" if r["k"] == ctx["k"] else ""
-        lines.append(f"| {r['k']}{mark} | {r['t']} | {r['selection_accuracy']:.3f} ({r['selection_auc']:.3f}) | "
-                     f"{r['report_accuracy']:.3f} {_ci(r['report_ci_low'], r['report_ci_high'])} | "
-                     f"{r['report_auc']:.3f} |")
-    lines += ["", ctx["verdicts"]["accuracy"], "",
-              f"Calibrated call at k = {ctx['k']}: threshold {info['threshold']:+.4f} on w_woman - w_man (chosen on "
-              f"the selection half), accuracy {info['calibrated_accuracy']:.3f} "
-              f"{_ci(info['calibrated_ci_low'], info['calibrated_ci_high'])} on the report half.", "",
-              "![accuracy by k](controls.png)", ""]
-    lines += ["### 2. Does the model obey its conditioning? (training words, attribute rules, the audit's sampler)", ""]
-    if ctx["fidelity_rows"]:
-        lines += [f"Hair and scene of each training word's {n_seen} samples per scale, measured by the attribute "
-                  "rules, against what the training data teaches the word and the acceptance bar at guidance 1 "
-                  "(diffusion_from_scratch/fidelity.py). Hair called = long or short (not none, not unclear); "
-                  "scene shares are over all images, so unclear scenes count against the bar.", "",
-                  format_table(ctx["fidelity_rows"]), "", ctx["verdicts"].get("fidelity", ""), ""]
-    else:
-        lines += [ctx["attribute_note"], ""]
-    lines += [f"### 3. Instruments: ScoreDecomp against the hair rule (tolerance {cfg['agreement_tolerance']:.0%}), "
-              "and the rules against a second instrument", ""]
-    if ctx["agreement"]:
-        lines += ["Both methods on the same images: the samples the hair rule calls long or short.", "",
-                  "| word | guidance | hair rule | ScoreDecomp | difference | agree |", "|---|---|---|---|---|---|"]
-        for a in ctx["agreement"]:
-            compared = not math.isnan(a["difference"])
-            difference = f"{a['difference']:+.2f}" if compared else "n/a"
-            agree = "yes" if a["agree"] else ("**NO**" if compared else "**NO** (nothing to compare)")
-            lines.append(f"| {a['word']} | {a['guidance']:g} | {fmt_share(a['attribute'])} | "
-                         f"{fmt_share(a['scoredecomp'])} | {difference} | {agree} |")
-        lines += ["", ctx["verdicts"].get("agreement", ""), ""]
-    if ctx["instrument"]:
-        lines += ["The attribute rules against a small CNN trained on the renders' ground truth (test-render "
-                  f"accuracy: hair {ctx['instrument_info']['test_accuracy_hair']:.3f}, scene "
-                  f"{ctx['instrument_info']['test_accuracy_scene']:.3f}; unclear below probability "
-                  f"{ctx['instrument_info']['confident']:g}): share of images on which both give the same call "
-                  "(including unclear), and Cohen's kappa.", "",
-                  "| word | guidance | attribute | agreement | kappa | rule | classifier |", "|---|---|---|---|---|---|---|"]
-        for r in ctx["instrument"]:
-            lines.append(f"| {r['word']} | {r['guidance']:g} | {r['attribute']} | {r['agreement']:.2f} | "
-                         f"{r['kappa']:.2f} | {r['rule_counts']} | {r['classifier_counts']} |")
-        lines += ["", "Images on which the rule and the classifier disagree (each row: a word and scale; caption in "
-                  "instruments.csv):", "", "![disagreements](instrument_disagreements.png)", ""]
-    elif ctx["attribute_note"]:
-        lines += [ctx["attribute_note"], ""]
-
-    def share_table(words: list[str], guidance: float) -> list[str]:
-        header = "| word | gap word2vec | gap before JL | gap after JL | " + " | ".join(
-            f"{METHOD_NAMES[m]}: female share [95% CI] (female/n)" for m in methods) + " |"
-        table = [header, "|" + "---|" * (4 + len(methods))]
-        for word in words:
-            e = ctx["embedding"][word]
-            cells = [fmt_share(by_key.get((word, guidance, m))) for m in methods]
-            table.append(f"| {word} | {e['cosine_gap_w2v']:+.3f} | {e['cosine_gap']:+.3f} | {e['cosine_gap_jl']:+.3f} | "
-                         + " | ".join(cells) + " |")
-        return table
-
-    lines += ["## Seen words", "", "The training words; each was trained on the images of every class listing "
-              "it (data/class_words.json), so \"person\", \"nurse\" and \"philosopher\" saw equal numbers of "
-              f"men and women. Shares pooled over {cfg['n_seeds']} sampling seeds; seed-to-seed spread in "
-              "seeds.csv and below. Cosine gap = cos(w, woman) - cos(w, man) (> 0: nearer \"woman\").", ""]
-    for guidance in guidances:
-        lines += [f"Guidance {guidance:g}:", ""] + share_table(run.words, guidance) + [""]
-    lines += ["Seed-to-seed spread (female share per seed; p of the chi-square test that the seeds agree):", "",
-              "| word | guidance | method | per seed | sd | p |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["seen"] and r["n_seeds"]:
-            per_seed = ", ".join(f"{s['share']:.2f}" for s in ctx["seed_rows"] if (s["word"], s["guidance"],
-                                 s["method"]) == (r["word"], r["guidance"], r["method"]) and s["n"])
-            lines.append(f"| {r['word']} | {r['guidance']:g} | {METHOD_NAMES[r['method']]} | {per_seed} | "
-                         f"{r['seed_sd']:.3f} | {r['homogeneity_p']:.3g} |")
-    lines += ["", "## Unseen words", ""]
-    how = ("at evenly spaced ranks of the cosine gap in the original embedding, so every arm and JL seed audits "
-           "the same words" if cfg["unseen_pick"] == "spread" else "in file order")
-    chosen = (f" (--max_unseen {cfg['max_unseen']} of {ctx['n_usable']} usable words, chosen {how})"
-              if ctx["n_usable"] > len(ctx["unseen"]) else "")
-    lines += [f"Words from {ctx['origin']}: {len(ctx['unseen'])} audited{chosen}.", ""]
-    if ctx["missing"]:
-        lines += [f"Skipped, not in the embedding {run.config['embedding']!r} ({len(ctx['missing'])}): "
-                  + ", ".join(ctx["missing"]) + ".", ""]
-    if ctx["respelled"]:
-        lines += ["Found in the embedding under another spelling: "
-                  + ", ".join(f"{a} -> {b}" for a, b in ctx["respelled"].items()) + ".", ""]
-    if ctx["trained"]:
-        lines += ["Listed but trained on, so reported under Seen words: " + ", ".join(ctx["trained"]) + ".", ""]
-    for guidance in guidances:
-        if ctx["unseen"]:
-            lines += [f"Guidance {guidance:g}:", ""] + share_table(ctx["unseen"], guidance) + [""]
-        for plot in ctx["bar_plots"].get(guidance, []):
-            lines += [f"![female share, guidance {guidance:g}]({plot})", ""]
-    lines += ["Sample grids (first images of each word, one row per word):", ""]
-    lines += [f"![samples, guidance {g:g}](samples_g{g:g}.png)" for g in guidances] + [""]
-    lines += ["## Regression", "", "Least-squares line of each unseen word's female share on its embedding bias, "
-              f"per method and guidance scale; 95% intervals from {cfg['n_boot']} pairs-bootstrap resamples of the "
-              "words. A regressor without spread (e.g. a gap that hard-debiasing set to 0) has no slope: undefined.",
-              "", "| guidance | method | x | words | slope [95% CI] | R^2 [95% CI] |", "|---|---|---|---|---|---|"]
-    for f in fits:
-        if f["defined"]:
-            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']].run} | "
-                         f"{f['n_words']} | {f['slope']:.3g} {_ci(f['slope_ci_low'], f['slope_ci_high'])} | "
-                         f"{f['r2']:.3f} {_ci(f['r2_ci_low'], f['r2_ci_high'], '.3f')} |")
-        else:
-            lines.append(f"| {f['guidance']:g} | {METHOD_NAMES[f['method']]} | {X_VARIANTS[f['x']].run} | "
-                         f"{f['n_words']} | undefined: {f['reason']} | |")
-    lines += [""] + [f"![{f['method']} {f['x']} guidance {f['guidance']:g}]({f['plot']})" for f in fits if "plot" in f]
-    lines += ["", "## Files", "", "proportions.csv, seeds.csv, controls.csv, fidelity.csv, instruments.csv, "
-              "regression.csv, audit.json, samples/ (cached images, reused by a rerun with the same settings).", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    base: str  # ScoreDecomp's base word for this word
+    calls: dict[str, list[np.ndarray]]  # method -> its calls, one array per sample set
+    images: list[torch.Tensor] = dataclasses.field(default_factory=list)  # uint8 (n, 3, S, S) per sample set
+    weights: list[torch.Tensor] = dataclasses.field(default_factory=list)  # ScoreDecomp's (n, 2) per sample set
+    attributes: list[dict] = dataclasses.field(default_factory=list)  # the rules' measures, image by image
 
 
-# ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
+@dataclasses.dataclass
+class Draws:
+    """Every sample set of the audit, drawn now or read from the cache, and called."""
+
+    by_word: dict[tuple[str, float], WordDraws]  # (word, guidance) -> its sample sets
+    seed_rows: list[dict]  # seeds.csv: training words, one row per sample set and method
+    sampled: int = 0  # sample sets drawn now
+    cached: int = 0  # sample sets read from the cache
+
+
+def parse_flags(argv: list[str] | None) -> tuple[dict, list[int], list[float]]:
+    """The flags, --k_list and --guidance; sets torch's CPU threads (--num_threads)."""
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv=argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])
     k_list = parse_distinct_numbers(cfg["k_list"], "k_list", int)
     guidances = parse_distinct_numbers(cfg["guidance"], "guidance", float)
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
-    timer = Timer()
+    return cfg, k_list, guidances
 
-    device = resolve_device(cfg["device"])
-    with timer("loading the run"):
-        score_model = PixelScoreModel(cfg["run"], device, num_inference_steps=cfg["num_inference_steps"])
-        run = score_model.run
+
+def resolve_inputs(cfg: dict, k_list: list[int], guidances: list[float], device, score_model: PixelScoreModel
+                   ) -> AuditInputs:
+    """Checks the flags against the run (every k in its timestep table, --sample_steps within its
+    training timesteps) and finds the output folder and the dataset, all before any work."""
+    run = score_model.run
     for flag, ks in (("k_list", k_list), ("k", [cfg["k"]] if cfg["k"] else [])):
         for k in ks:
             try:
@@ -597,215 +472,332 @@ def main(argv: list[str] | None = None) -> dict:
                       f"procedural (it says {source!r}); hair-length rules are exact only for the procedural "
                       f"portraits.")
     methods = ["scoredecomp"] + (["attribute"] if procedural else []) + (["elbo"] if cfg["elbo"] else [])
+    return AuditInputs(cfg=cfg, k_list=k_list, guidances=guidances, device=device, score_model=score_model, out=out,
+                       owner=owner, dataset=dataset, source=source, attribute_note=attribute_note, methods=methods)
 
-    with timer("choosing words"):
-        wv = load_word_vectors(run.embedding_source)
-        seen = list(run.words)
-        listing = unseen_candidates(cfg, seen, wv)
-        usable, missing, trained, origin = (listing[key] for key in ("usable", "missing", "trained", "origin"))
-        # Words are ranked by the gap in the original (not debiased) embedding, which no JL seed
-        # changes, so every arm and seed of an experiment audits the same words.
-        ranking = {w: embedding_bias(w, source=run.embedding_source)["cosine_gap"] for w in usable}
-        unseen = pick_unseen(usable, ranking, 0 if cfg["words"] else cfg["max_unseen"], cfg["unseen_pick"])
-        # the first scale draws every word; the others the seen words and --full_guidance_words of the unseen
-        every_scale = set(unseen if cfg["words"] or not cfg["full_guidance_words"] else
-                          pick_unseen(unseen, ranking, cfg["full_guidance_words"], cfg["unseen_pick"]))
-        words_at = {g: seen + [w for w in unseen if i == 0 or w in every_scale] for i, g in enumerate(guidances)}
-        embedding = {w: embedding_metrics(w, run) for w in seen + unseen}
-        if cfg["scoredecomp_base"] != "word":
-            try:
-                run.word_vectors([cfg["scoredecomp_base"]])
-            except InputError as error:
-                raise InputError(f"--scoredecomp_base: {error}") from None
-    n_images = sum(len(seen) * cfg["n_seeds"] * cfg["n_per_seed"] + (len(words_at[g]) - len(seen)) * cfg["n_per_word"]
-                   for g in guidances)
-    image_bytes = n_images * 3 * score_model.image_size ** 2
-    what = (f"--n_seeds / --n_per_seed / --n_per_word ({n_images:,} images of {score_model.image_size} px, all kept "
-            f"in memory and cached in {out / 'samples'})")
+
+def choose_words(inputs: AuditInputs) -> WordChoice:
+    """The training words, the unseen words to audit (unseen_candidates, then --max_unseen of them
+    picked by --unseen_pick), the words drawn at each scale and every word's embedding gaps; checks
+    that --scoredecomp_base is in the embedding."""
+    cfg, run = inputs.cfg, inputs.run
+    wv = load_word_vectors(run.embedding_source)
+    seen = list(run.words)
+    listing = unseen_candidates(cfg, seen, wv)
+    usable = listing["usable"]
+    # Words are ranked by the gap in the original (not debiased) embedding, which no JL seed
+    # changes, so every arm and seed of an experiment audits the same words.
+    ranking = {w: embedding_bias(w, source=run.embedding_source)["cosine_gap"] for w in usable}
+    unseen = pick_unseen(usable, ranking, 0 if cfg["words"] else cfg["max_unseen"], cfg["unseen_pick"])
+    # the first scale draws every word; the others the seen words and --full_guidance_words of the unseen
+    every_scale = set(unseen if cfg["words"] or not cfg["full_guidance_words"] else
+                      pick_unseen(unseen, ranking, cfg["full_guidance_words"], cfg["unseen_pick"]))
+    words_at = {g: seen + [w for w in unseen if i == 0 or w in every_scale] for i, g in enumerate(inputs.guidances)}
+    embedding = {w: embedding_metrics(w, run) for w in seen + unseen}
+    if cfg["scoredecomp_base"] != "word":
+        try:
+            run.word_vectors([cfg["scoredecomp_base"]])
+        except InputError as error:
+            raise InputError(f"--scoredecomp_base: {error}") from None
+    return WordChoice(seen=seen, unseen=unseen, n_usable=len(usable), missing=listing["missing"],
+                      respelled=listing["respelled"], trained=listing["trained"], origin=listing["origin"],
+                      every_scale=every_scale, words_at=words_at, embedding=embedding)
+
+
+def check_resources(inputs: AuditInputs, words: WordChoice) -> None:
+    """Refuses sample counts whose images would not fit in memory or on disk; names the skipped words."""
+    cfg, size = inputs.cfg, inputs.score_model.image_size
+    n_images = sum(len(words.seen) * cfg["n_seeds"] * cfg["n_per_seed"]
+                   + (len(words.words_at[g]) - len(words.seen)) * cfg["n_per_word"] for g in inputs.guidances)
+    image_bytes = n_images * 3 * size ** 2
+    what = (f"--n_seeds / --n_per_seed / --n_per_word ({n_images:,} images of {size} px, all kept "
+            f"in memory and cached in {inputs.out / 'samples'})")
     require_memory(image_bytes, what)
-    require_disk(out, image_bytes, what)
-    if missing:
-        print(f"[audit] skipped (not in the embedding): {', '.join(missing)}", file=sys.stderr)
-    classifier = None
-    if procedural and cfg["instrument"]:
-        with timer("second instrument: attribute classifier"):
-            from bias_begets_bias.attribute_classifier import load_or_train
+    require_disk(inputs.out, image_bytes, what)
+    if words.missing:
+        print(f"[audit] skipped (not in the embedding): {', '.join(words.missing)}", file=sys.stderr)
 
-            classifier = load_or_train(dataset, run.model.config.image_size)
-    claim_output_folder(out, **owner)
-    clear_previous_outputs(out)
 
+def second_instrument(inputs: AuditInputs, timer: Timer):
+    """Control 3's second instrument: the attribute classifier trained on the renders' ground truth
+    (trained once, then loaded); None without procedural data or with --instrument false."""
+    if not (inputs.procedural and inputs.cfg["instrument"]):
+        return None
+    with timer("second instrument: attribute classifier"):
+        from bias_begets_bias.attribute_classifier import load_or_train
+
+        return load_or_train(inputs.dataset, inputs.run.model.config.image_size)
+
+
+def control_on_test_split(inputs: AuditInputs, timer: Timer) -> Control:
+    """Control 1 (accuracy_control), then controls.csv and controls.png."""
     with timer("control 1: ScoreDecomp accuracy on test images"):
-        control = accuracy_control(score_model, cfg, dataset, k_list, out)
-    k, threshold = control["info"]["k"], control["info"]["threshold"]
-    atomic_write_text(out / "controls.csv", compact_csv_text([r | {"chosen": r["k"] == k} for r in control["rows"]],
-                                                             list(control["rows"][0]) + ["chosen"]))
+        control = Control(**accuracy_control(inputs.score_model, inputs.cfg, inputs.dataset, inputs.k_list,
+                                             inputs.out))
+    rows, info = control.rows, control.info
+    atomic_write_text(inputs.out / "controls.csv", compact_csv_text([r | {"chosen": r["k"] == control.k} for r in rows],
+                                                                    list(rows[0]) + ["chosen"]))
     plot_proportions([{"label": f"k={r['k']}", "share": r["report_accuracy"], "low": r["report_ci_low"],
-                       "high": r["report_ci_high"]} for r in control["rows"]], out / "controls.png",
+                       "high": r["report_ci_high"]} for r in rows], inputs.out / "controls.png",
                      xlabel="ScoreDecomp k (timesteps from the clean end)", ylabel="gender accuracy (report half)",
-                     title=f"ScoreDecomp accuracy on {control['info']['n_images'] // 2} held-out test images")
+                     title=f"ScoreDecomp accuracy on {info['n_images'] // 2} held-out test images")
+    return control
 
-    words = seen + unseen
-    vectors = dict(zip(words, run.word_vectors(words)))
-    expected = expected_shares(run.config["class_words"], load_prompts()) if procedural else {}
-    rows, seed_rows, fidelity_rows, instrument, agreement = [], [], [], [], []
-    grids: dict[float, list[torch.Tensor]] = {g: [] for g in guidances}
-    disagreements: list[tuple[str, torch.Tensor]] = []
-    counts = {"sampled": 0, "cached": 0}
-    sets = [(g, w, s) for g in guidances for w in words_at[g] for s in range(cfg["n_seeds"] if w in seen else 1)]
+
+def call_gender(inputs: AuditInputs, control: Control, images: torch.Tensor, key: str, entry: WordDraws
+                ) -> dict[str, np.ndarray]:
+    """One sample set's gender calls by each method: ScoreDecomp at the control's k (thresholded
+    with --call calibrated), the hair rule (procedural data), the ELBO classifier (--elbo). The
+    images, ScoreDecomp's weights and the rules' measures are added to ``entry``."""
+    cfg = inputs.cfg
+    sd_calls, weights = scoredecomp_calls(inputs.score_model, images, control.k, cfg["seed"], f"scoredecomp/{key}",
+                                          entry.base, cfg["batch_size"])
+    if cfg["call"] == "calibrated":
+        sd_calls = threshold_calls(weights, control.threshold)
+    entry.images.append(images)
+    entry.weights.append(weights)
+    per_method = {"scoredecomp": sd_calls}
+    if inputs.procedural:
+        attributes = measure_attributes(images)
+        entry.attributes += attributes
+        per_method["attribute"] = hair_calls([a["hair"] for a in attributes])
+    if cfg["elbo"]:
+        per_method["elbo"] = elbo_calls(inputs.score_model, images, derived_seed(cfg["seed"], "elbo", key), cfg)[0]
+    return per_method
+
+
+def draw_and_call(inputs: AuditInputs, words: WordChoice, control: Control, vectors: dict) -> Draws:
+    """Every sample set, drawn or read from the cache (cached_samples), then called (call_gender):
+    --n_seeds sets of --n_per_seed images per training word, one of --n_per_word per unseen word,
+    at each scale of words.words_at. Each set's sampling seed derives from --seed and its key."""
+    cfg, seen = inputs.cfg, words.seen
+    draws = Draws(by_word={}, seed_rows=[])
+    sets = [(g, w, s) for g in inputs.guidances for w in words.words_at[g]
+            for s in range(cfg["n_seeds"] if w in seen else 1)]
+    for guidance, word, seed_index in progress_bar(sets, desc="(scale, word, seed) sample sets"):
+        n_images = cfg["n_per_seed"] if word in seen else cfg["n_per_word"]
+        key = f"g{guidance:g}/{word}/s{seed_index}"
+        sampling_seed = derived_seed(cfg["seed"], "audit-sample", word, f"{guidance:g}", seed_index)
+        images, from_cache = cached_samples(inputs.run, key, vectors[word], guidance, n_images, sampling_seed,
+                                            cfg["sampler"], cfg["sample_steps"], cfg["batch_size"],
+                                            inputs.out / "samples")
+        if from_cache:
+            draws.cached += 1
+        else:
+            draws.sampled += 1
+        base = cfg["scoredecomp_base"] if cfg["scoredecomp_base"] != "word" else (
+            cfg["control_base"] if word in CANDIDATES else word)
+        entry = draws.by_word.setdefault((word, guidance), WordDraws(base=base, calls={m: [] for m in inputs.methods}))
+        for method, calls in call_gender(inputs, control, images, key, entry).items():
+            entry.calls[method].append(calls)
+            if word in seen:
+                draws.seed_rows.append({"word": word, "guidance": guidance, "method": method, "seed_index": seed_index,
+                                        "sampling_seed": sampling_seed, **share_of_calls(calls)})
+    return draws
+
+
+def proportion_rows(inputs: AuditInputs, words: WordChoice, control: Control, seed_rows: list[dict], word: str,
+                    guidance: float, entry: WordDraws) -> list[dict]:
+    """proportions.csv's rows of one word at one scale, one per method: the share pooled over the
+    sample sets with its seed-to-seed spread (pooled_share), ScoreDecomp's settings and mean
+    weight, the word's embedding gaps, and for the hair rule the scene shares."""
+    cfg, seen = inputs.cfg, word in words.seen
+    weights = torch.cat(entry.weights)
+    rows = []
+    for method in inputs.methods:
+        calls = np.concatenate(entry.calls[method])
+        pooled = share_of_calls(calls)
+        spread = pooled_share([(s["successes"], s["n"]) for s in seed_rows
+                               if (s["word"], s["guidance"], s["method"]) == (word, guidance, method)])
+        row = {"word": word, "seen": seen, "guidance": guidance, "method": method,
+               "call": cfg["call"] if method == "scoredecomp" else "", "base":
+               entry.base if method == "scoredecomp" else "", "k": control.k if method == "scoredecomp" else "",
+               **pooled, "n_undetermined": pooled["n_undecided"],
+               "mean_weight": float(weights[:, 1].mean()) if method == "scoredecomp" else math.nan,
+               "n_seeds": spread["n_seeds"] if seen else 1, "seed_sd": spread["seed_sd"],
+               "seed_min": spread["seed_min"], "seed_max": spread["seed_max"],
+               "homogeneity_p": spread["homogeneity_p"],
+               **{key: words.embedding[word].get(key, "") for key in EMBEDDING_KEYS}}
+        if method == "attribute":
+            row.update(scene_shares(entry.attributes),
+                       hair_called=float(np.mean([a["hair"] in ("long", "short") for a in entry.attributes])))
+        rows.append(row)
+    return rows
+
+
+def agreement_row(word: str, guidance: float, entry: WordDraws, tolerance: float) -> dict:
+    """Control 3 for one training word and scale: ScoreDecomp's female share against the hair
+    rule's on the images the rule calls (long or short hair)."""
+    hair = np.concatenate(entry.calls["attribute"])
+    called = hair != UNDECIDED
+    a = share_of_calls(hair[called])
+    s = share_of_calls(np.concatenate(entry.calls["scoredecomp"])[called])  # the audit's call
+    difference = s["share"] - a["share"] if a["n"] and s["n"] else math.nan
+    return {"word": word, "guidance": guidance, "attribute": a, "scoredecomp": s, "difference": difference,
+            "agree": bool(abs(difference) <= tolerance + 1e-12)}
+
+
+def pool_draws(inputs: AuditInputs, words: WordChoice, control: Control, draws: Draws, classifier,
+               expected: dict) -> Measured:
+    """Each word's sample sets pooled per scale: its proportions rows, its first images for the
+    grid, and for the training words control 2 (fidelity_row against ``expected``) and control 3
+    (agreement_row); with the second instrument, the rules against it and the images they differ on."""
+    cfg = inputs.cfg
+    measured = Measured(rows=[], seed_rows=draws.seed_rows, fidelity_rows=[], agreement=[], instrument=[],
+                        grids={g: [] for g in inputs.guidances}, disagreements=[])
+    for guidance in inputs.guidances:
+        for word in words.words_at[guidance]:
+            entry = draws.by_word[(word, guidance)]
+            images = torch.cat(entry.images)
+            measured.grids[guidance].append(images[:cfg["grid_per_word"]])
+            measured.rows += proportion_rows(inputs, words, control, draws.seed_rows, word, guidance, entry)
+            if inputs.procedural and word in words.seen:
+                measured.fidelity_rows.append(fidelity_row(word, guidance, entry.attributes, expected))
+                measured.agreement.append(agreement_row(word, guidance, entry, cfg["agreement_tolerance"]))
+            if classifier is not None:
+                verdicts = classifier.calls(images)
+                measured.instrument += instrument_rows(word, guidance, entry.attributes, verdicts)
+                differ = [i for i, (r, c) in enumerate(zip(entry.attributes, verdicts)) if r != c]
+                if differ:
+                    measured.disagreements.append((f"{word} g{guidance:g}", images[differ[:cfg["grid_per_word"]]]))
+    return measured
+
+
+def judge_controls(cfg: dict, control: Control, measured: Measured) -> Verdicts:
+    """The controls' verdicts: control 1 passes when the report half's accuracy interval lies above
+    chance, control 2 when every training word passes the bar at guidance 1; control 3's
+    disagreement is reported, not failed (one of the two instruments is wrong, not the model)."""
+    info, k = control.info, control.k
+    failed = []
+    ok = info["ci_low"] > 0.5
+    accuracy = (f"At k = {k} ({info['k_origin']}) the accuracy on the report half is "
+                f"{info['accuracy']:.3f} [{info['ci_low']:.3f}, {info['ci_high']:.3f}], AUC "
+                f"{info['auc']:.3f}: " + ("above chance (0.5), pass." if ok else
+                                           "**not above chance (0.5): FAIL.**"))
+    if not ok:
+        failed.append(f"ScoreDecomp accuracy at k = {k} not above chance")
+    fidelity = agreement = ""
+    if measured.fidelity_rows:
+        failing = [f"{r['word']} ({r['bar'][6:]})" for r in measured.fidelity_rows if r["bar"].startswith("FAIL")]
+        fidelity = ("Acceptance bar: every training word passes at guidance 1." if not failing else
+                    f"**Acceptance bar failed at guidance 1 for: {', '.join(failing)}.**")
+        if failing:
+            failed.append("conditioning fidelity at guidance 1: " + ", ".join(failing))
+    if measured.agreement:
+        disagree = [f"{a['word']} (g {a['guidance']:g})" for a in measured.agreement if not a["agree"]]
+        agreement = (f"ScoreDecomp and the hair rule agree within {cfg['agreement_tolerance']:.0%} on "
+                     "every training word." if not disagree else
+                     f"**Disagreement beyond {cfg['agreement_tolerance']:.0%}: "
+                     f"{', '.join(disagree)}** (reported; not a control failure of the model: one "
+                     "of the two instruments is wrong on these samples).")
+    return Verdicts(accuracy=accuracy, fidelity=fidelity, agreement=agreement, failed=failed)
+
+
+def write_tables(inputs: AuditInputs, words: WordChoice, measured: Measured) -> None:
+    """proportions.csv, seeds.csv, fidelity.csv and instruments.csv (where there are rows), the
+    grid of the images the rules and the classifier disagree on, and one sample grid per scale."""
+    cfg, out = inputs.cfg, inputs.out
+    atomic_write_text(out / "proportions.csv", compact_csv_text(measured.rows, PROPORTION_COLUMNS))
+    atomic_write_text(out / "seeds.csv", compact_csv_text(measured.seed_rows, SEED_COLUMNS))
+    if measured.fidelity_rows:
+        atomic_write_text(out / "fidelity.csv",
+                          compact_csv_text(measured.fidelity_rows, list(measured.fidelity_rows[0])))
+    if measured.instrument:
+        atomic_write_text(out / "instruments.csv", compact_csv_text(measured.instrument, INSTRUMENT_COLUMNS))
+        if measured.disagreements:
+            width = max(len(images) for _, images in measured.disagreements)
+            padded = [torch.cat([images, torch.full((width - len(images), *images.shape[1:]), 255,
+                                                    dtype=torch.uint8)]) for _, images in measured.disagreements]
+            save_image_grid(torch.cat(padded), out / "instrument_disagreements.png", nrow=width,
+                            labels=[label for label, _ in measured.disagreements])
+    for guidance in inputs.guidances:
+        save_image_grid(torch.cat(measured.grids[guidance]), out / f"samples_g{guidance:g}.png",
+                        nrow=cfg["grid_per_word"], labels=words.words_at[guidance])
+
+
+def plot_shares(inputs: AuditInputs, words: WordChoice, measured: Measured) -> dict[float, list[str]]:
+    """One bar plot of the female shares per scale and method (words with decided images only);
+    returns the plots' names per scale."""
+    by_key = {(r["word"], r["guidance"], r["method"]): r for r in measured.rows}
+    bar_plots: dict[float, list[str]] = {}
+    for guidance in inputs.guidances:
+        for method in inputs.methods:
+            chosen = [by_key[(w, guidance, method)] for w in words.words_at[guidance]
+                      if by_key[(w, guidance, method)]["n"]]
+            if not chosen:
+                continue
+            plot = f"shares_g{guidance:g}_{method}.png"
+            plot_proportions([{"label": ("* " if r["seen"] else "") + r["word"], "share": r["share"],
+                               "low": r["ci_low"], "high": r["ci_high"]} for r in chosen], inputs.out / plot,
+                             ylabel="female share (95% CI)",
+                             title=f"{METHOD_NAMES[method]}, guidance {guidance:g} (* = training word)")
+            bar_plots.setdefault(guidance, []).append(plot)
+    return bar_plots
+
+
+def audit_summary(inputs: AuditInputs, words: WordChoice, control: Control, verdicts: Verdicts, draws: Draws,
+                  timer: Timer) -> dict:
+    """audit.json's record: the run, the dataset, the chosen k and its accuracy, the words, the failed
+    controls, the flags and the time per stage (the timer's own dict: stages ending later count too)."""
+    run, info = inputs.run, control.info
+    return {
+        "run": record_path(run.run_dir, run.run_dir.parent), "run_step": run.step,
+        "embedding": run.config["embedding"],
+        "debias": run.config["debias"], "jl_seed": run.config["jl_seed"], "jl_dim": run.config["jl_dim"],
+        "dataset": record_path(inputs.dataset, run.run_dir), "dataset_source": inputs.source, "k": control.k,
+        "k_origin": info["k_origin"],
+        "accuracy_at_k": {key: info[key] for key in ("accuracy", "ci_low", "ci_high", "auc",
+                                                     "calibrated_accuracy", "threshold")},
+        "methods": inputs.methods, "guidance": inputs.guidances, "seen": words.seen, "unseen": words.unseen,
+        "missing": words.missing, "unseen_at_every_scale": [w for w in words.unseen if w in words.every_scale],
+        "trained_in_list": words.trained, "respelled": words.respelled, "controls_failed": verdicts.failed,
+        "config": recorded_flags(inputs.cfg, run.run_dir), "time_per_stage_s": timer.stages,
+        "sampled": draws.sampled, "cached": draws.cached,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    """The audit's stages in order (the module docstring says what each does); returns audit.json's record."""
+    cfg, k_list, guidances = parse_flags(argv)
+    timer = Timer()
+    device = resolve_device(cfg["device"])
+    with timer("loading the run"):
+        score_model = PixelScoreModel(cfg["run"], device, num_inference_steps=cfg["num_inference_steps"])
+    inputs = resolve_inputs(cfg, k_list, guidances, device, score_model)
+    with timer("choosing words"):
+        words = choose_words(inputs)
+    check_resources(inputs, words)
+    classifier = second_instrument(inputs, timer)
+    claim_output_folder(inputs.out, **inputs.owner)
+    clear_previous_outputs(inputs.out)
+
+    control = control_on_test_split(inputs, timer)
+    vectors = dict(zip(words.all, inputs.run.word_vectors(words.all)))
+    expected = expected_shares(inputs.run.config["class_words"], load_prompts()) if inputs.procedural else {}
     with timer("sampling and calling gender"):
-        by_word: dict[tuple[str, float], dict] = {}
-        for guidance, word, seed_index in progress_bar(sets, desc="(scale, word, seed) sample sets"):
-            n_images = cfg["n_per_seed"] if word in seen else cfg["n_per_word"]
-            key = f"g{guidance:g}/{word}/s{seed_index}"
-            sampling_seed = derived_seed(cfg["seed"], "audit-sample", word, f"{guidance:g}", seed_index)
-            images, from_cache = cached_samples(run, key, vectors[word], guidance, n_images, sampling_seed,
-                                                cfg["sampler"], cfg["sample_steps"], cfg["batch_size"],
-                                                out / "samples")
-            counts["cached" if from_cache else "sampled"] += 1
-            base = cfg["scoredecomp_base"] if cfg["scoredecomp_base"] != "word" else (
-                cfg["control_base"] if word in CANDIDATES else word)
-            sd_calls, weights = scoredecomp_calls(score_model, images, k, cfg["seed"], f"scoredecomp/{key}", base,
-                                                  cfg["batch_size"])
-            if cfg["call"] == "calibrated":
-                sd_calls = threshold_calls(weights, threshold)
-            entry = by_word.setdefault((word, guidance), {"images": [], "calls": {m: [] for m in methods},
-                                                          "weights": [], "attributes": [], "base": base,
-                                                          "sampling_seeds": []})
-            entry["images"].append(images)
-            entry["weights"].append(weights)
-            entry["sampling_seeds"].append(sampling_seed)
-            per_method = {"scoredecomp": sd_calls}
-            if procedural:
-                attributes = measure_attributes(images)
-                entry["attributes"] += attributes
-                per_method["attribute"] = hair_calls([a["hair"] for a in attributes])
-            if cfg["elbo"]:
-                per_method["elbo"] = elbo_calls(score_model, images, derived_seed(cfg["seed"], "elbo", key), cfg)[0]
-            for method, calls in per_method.items():
-                entry["calls"][method].append(calls)
-                if word in seen:
-                    seed_rows.append({"word": word, "guidance": guidance, "method": method, "seed_index": seed_index,
-                                      "sampling_seed": sampling_seed, **share_of_calls(calls)})
-        for guidance in guidances:
-            for word in words_at[guidance]:
-                entry = by_word[(word, guidance)]
-                images = torch.cat(entry["images"])
-                weights = torch.cat(entry["weights"])
-                grids[guidance].append(images[:cfg["grid_per_word"]])
-                for method in methods:
-                    calls = np.concatenate(entry["calls"][method])
-                    pooled = share_of_calls(calls)
-                    spread = pooled_share([(s["successes"], s["n"]) for s in seed_rows
-                                           if (s["word"], s["guidance"], s["method"]) == (word, guidance, method)])
-                    row = {"word": word, "seen": word in seen, "guidance": guidance, "method": method,
-                           "call": cfg["call"] if method == "scoredecomp" else "", "base":
-                           entry["base"] if method == "scoredecomp" else "", "k": k if method == "scoredecomp" else "",
-                           **pooled, "n_undetermined": pooled["n_undecided"],
-                           "mean_weight": float(weights[:, 1].mean()) if method == "scoredecomp" else math.nan,
-                           "n_seeds": spread["n_seeds"] if word in seen else 1, "seed_sd": spread["seed_sd"],
-                           "seed_min": spread["seed_min"], "seed_max": spread["seed_max"],
-                           "homogeneity_p": spread["homogeneity_p"],
-                           **{key: embedding[word].get(key, "") for key in EMBEDDING_KEYS}}
-                    if method == "attribute":
-                        row.update(scene_shares(entry["attributes"]),
-                                   hair_called=float(np.mean([a["hair"] in ("long", "short")
-                                                              for a in entry["attributes"]])))
-                    rows.append(row)
-                if procedural and word in seen:
-                    fidelity_rows.append(fidelity_row(word, guidance, entry["attributes"], expected))
-                    hair = np.concatenate(entry["calls"]["attribute"])
-                    called = hair != UNDECIDED
-                    a = share_of_calls(hair[called])
-                    s = share_of_calls(np.concatenate(entry["calls"]["scoredecomp"])[called])  # the audit's call
-                    difference = s["share"] - a["share"] if a["n"] and s["n"] else math.nan
-                    agreement.append({"word": word, "guidance": guidance, "attribute": a, "scoredecomp": s,
-                                      "difference": difference,
-                                      "agree": bool(abs(difference) <= cfg["agreement_tolerance"] + 1e-12)})
-                if classifier is not None:
-                    verdicts = classifier.calls(images)
-                    instrument += instrument_rows(word, guidance, entry["attributes"], verdicts)
-                    differ = [i for i, (r, c) in enumerate(zip(entry["attributes"], verdicts)) if r != c]
-                    if differ:
-                        disagreements.append((f"{word} g{guidance:g}", images[differ[:cfg["grid_per_word"]]]))
-    print(f"[audit] sample sets: {counts['sampled']} sampled, {counts['cached']} from the cache", flush=True)
+        draws = draw_and_call(inputs, words, control, vectors)
+        measured = pool_draws(inputs, words, control, draws, classifier, expected)
+    print(f"[audit] sample sets: {draws.sampled} sampled, {draws.cached} from the cache", flush=True)
 
     with timer("tables and plots"):
-        info = control["info"]
-        verdicts, failed = {}, []
-        ok = info["ci_low"] > 0.5
-        verdicts["accuracy"] = (f"At k = {k} ({info['k_origin']}) the accuracy on the report half is "
-                                f"{info['accuracy']:.3f} [{info['ci_low']:.3f}, {info['ci_high']:.3f}], AUC "
-                                f"{info['auc']:.3f}: " + ("above chance (0.5), pass." if ok else
-                                                           "**not above chance (0.5): FAIL.**"))
-        if not ok:
-            failed.append(f"ScoreDecomp accuracy at k = {k} not above chance")
-        if fidelity_rows:
-            failing = [f"{r['word']} ({r['bar'][6:]})" for r in fidelity_rows if r["bar"].startswith("FAIL")]
-            verdicts["fidelity"] = ("Acceptance bar: every training word passes at guidance 1." if not failing else
-                                    f"**Acceptance bar failed at guidance 1 for: {', '.join(failing)}.**")
-            if failing:
-                failed.append("conditioning fidelity at guidance 1: " + ", ".join(failing))
-        if agreement:
-            disagree = [f"{a['word']} (g {a['guidance']:g})" for a in agreement if not a["agree"]]
-            verdicts["agreement"] = (f"ScoreDecomp and the hair rule agree within {cfg['agreement_tolerance']:.0%} on "
-                                     "every training word." if not disagree else
-                                     f"**Disagreement beyond {cfg['agreement_tolerance']:.0%}: "
-                                     f"{', '.join(disagree)}** (reported; not a control failure of the model: one "
-                                     "of the two instruments is wrong on these samples).")
-        atomic_write_text(out / "proportions.csv", compact_csv_text(rows, PROPORTION_COLUMNS))
-        atomic_write_text(out / "seeds.csv", compact_csv_text(seed_rows, SEED_COLUMNS))
-        if fidelity_rows:
-            atomic_write_text(out / "fidelity.csv", compact_csv_text(fidelity_rows, list(fidelity_rows[0])))
-        if instrument:
-            atomic_write_text(out / "instruments.csv", compact_csv_text(instrument, INSTRUMENT_COLUMNS))
-            if disagreements:
-                width = max(len(images) for _, images in disagreements)
-                padded = [torch.cat([images, torch.full((width - len(images), *images.shape[1:]), 255,
-                                                        dtype=torch.uint8)]) for _, images in disagreements]
-                save_image_grid(torch.cat(padded), out / "instrument_disagreements.png", nrow=width,
-                                labels=[label for label, _ in disagreements])
-        for guidance in guidances:
-            save_image_grid(torch.cat(grids[guidance]), out / f"samples_g{guidance:g}.png",
-                            nrow=cfg["grid_per_word"], labels=words_at[guidance])
-        by_key = {(r["word"], r["guidance"], r["method"]): r for r in rows}
-        bar_plots: dict[float, list[str]] = {}
-        for guidance in guidances:
-            for method in methods:
-                chosen = [by_key[(w, guidance, method)] for w in words_at[guidance]
-                          if by_key[(w, guidance, method)]["n"]]
-                if not chosen:
-                    continue
-                plot = f"shares_g{guidance:g}_{method}.png"
-                plot_proportions([{"label": ("* " if r["seen"] else "") + r["word"], "share": r["share"],
-                                   "low": r["ci_low"], "high": r["ci_high"]} for r in chosen], out / plot,
-                                 ylabel="female share (95% CI)",
-                                 title=f"{METHOD_NAMES[method]}, guidance {guidance:g} (* = training word)")
-                bar_plots.setdefault(guidance, []).append(plot)
-        fits = regression_fits(rows, guidances, methods, cfg, out)
-        atomic_write_text(out / "regression.csv", compact_csv_text(fits, REGRESSION_COLUMNS))
-        summary = {
-            "run": record_path(run.run_dir, run.run_dir.parent), "run_step": run.step,
-            "embedding": run.config["embedding"],
-            "debias": run.config["debias"], "jl_seed": run.config["jl_seed"], "jl_dim": run.config["jl_dim"],
-            "dataset": record_path(dataset, run.run_dir), "dataset_source": source, "k": k, "k_origin": info["k_origin"],
-            "accuracy_at_k": {key: info[key] for key in ("accuracy", "ci_low", "ci_high", "auc",
-                                                         "calibrated_accuracy", "threshold")},
-            "methods": methods, "guidance": guidances, "seen": seen, "unseen": unseen, "missing": missing,
-            "unseen_at_every_scale": [w for w in unseen if w in every_scale], "trained_in_list": trained, "respelled": listing["respelled"], "controls_failed": failed,
-            "config": recorded_flags(cfg, run.run_dir), "time_per_stage_s": timer.stages, **counts,
-        }
-        atomic_write_json(out / "audit.json", summary)
-        ctx = dict(cfg=cfg, run=run, rows=rows, seed_rows=seed_rows, fits=fits, guidances=guidances, methods=methods,
-                   embedding=embedding, control=control, k=k, t=score_model.timestep_for_k(k),
-                   fidelity_rows=fidelity_rows, agreement=agreement, instrument=instrument,
-                   instrument_info=classifier.info if classifier else {}, verdicts=verdicts, failed=failed,
-                   attribute_note=attribute_note, dataset=record_path(dataset, run.run_dir), source=source,
-                   run_name=summary["run"], elbo=cfg["elbo"], device=device,
-                   origin=origin, unseen=unseen, n_usable=len(usable), missing=missing, trained=trained,
-                   respelled=listing["respelled"], bar_plots=bar_plots, timer=timer, **counts)
-    write_report(out, ctx)  # after the last stage, so its time is in the report
-    print(f"[audit] wrote {out / 'report.md'}" + (f"; controls FAILED: {'; '.join(failed)}" if failed else ""))
+        verdicts = judge_controls(cfg, control, measured)
+        write_tables(inputs, words, measured)
+        bar_plots = plot_shares(inputs, words, measured)
+        fits = regression_fits(measured.rows, guidances, inputs.methods, cfg, inputs.out)
+        atomic_write_text(inputs.out / "regression.csv", compact_csv_text(fits, REGRESSION_COLUMNS))
+        summary = audit_summary(inputs, words, control, verdicts, draws, timer)
+        atomic_write_json(inputs.out / "audit.json", summary)
+        report = AuditReport(
+            cfg=cfg, run=inputs.run, run_name=summary["run"], dataset=summary["dataset"], source=inputs.source,
+            device=device, guidances=guidances, methods=inputs.methods,
+            timestep=score_model.timestep_for_k(control.k), words=words, control=control, measured=measured,
+            verdicts=verdicts, attribute_note=inputs.attribute_note,
+            instrument_info=classifier.info if classifier else {}, fits=fits, bar_plots=bar_plots,
+            sampled=draws.sampled, cached=draws.cached, stage_seconds=timer.stages)
+    write_report(inputs.out, report)  # after the last stage, so its time is in the report
+    failed = verdicts.failed
+    print(f"[audit] wrote {inputs.out / 'report.md'}" + (f"; controls FAILED: {'; '.join(failed)}" if failed else ""))
     return summary
 
 
