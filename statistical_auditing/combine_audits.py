@@ -45,6 +45,7 @@ dose_points.csv, lipschitz.csv, and PNGs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -592,127 +593,218 @@ def plot_dose(points: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def write_report(out: Path, ctx: dict) -> None:
-    runs, included = ctx["runs"], ctx["included"]
+@dataclasses.dataclass
+class Combined:
+    """What report.md is rendered from: the combine's settings, its runs and its tables."""
+
+    cfg: dict
+    runs: list[dict]  # load_run's records, in --runs order
+    included: list[dict]  # the runs the pooled estimates use
+    arms: list[str]  # every run's arm, in first-seen order
+    seen_arms: list[dict]  # seen_arms.csv
+    fit_rows: list[dict]  # regressions.csv
+    contrast_rows: list[dict]  # contrasts.csv
+    held_rows: list[dict]  # held_out.csv
+    spread_rows: list[dict]  # spread.csv
+    shift_summary: list[dict]  # jl_shift_summary.csv
+    dose_slopes: list[dict]  # dose_slopes.csv
+    lipschitz_rows: list[dict]  # lipschitz.csv
+    guidances: list[float]  # every guidance scale the runs' shares hold, ascending
+    methods: list[str]  # every audit method, in first-seen order
+    plots: dict  # ("regression", guidance, method), "jl" or "dose" -> the PNG's file name
+    min_homogeneity_p: float  # the smallest seed-agreement p (NaN: no multi-seed rows)
+    n_homogeneity: int  # the seed-agreement tests behind it
+
+
+def runs_section(c: Combined) -> list[str]:
+    """The title, what was pooled and how, and each run with its controls."""
     lines = ["# Combined audit of the experiment", "",
-             f"{len(runs)} runs in {len(ctx['arms'])} arms ({', '.join(f'{a}: {ARM_TEXT.get(a, a)}' for a in ctx['arms'])}); "
-             f"{len(included)} enter the pooled estimates"
+             f"{len(c.runs)} runs in {len(c.arms)} arms ({', '.join(f'{a}: {ARM_TEXT.get(a, a)}' for a in c.arms)}); "
+             f"{len(c.included)} enter the pooled estimates"
              + (" (**--include_failed: runs that fail their controls are pooled too: a sensitivity analysis or a "
-                "pipeline check; the primary estimates leave them out**)" if ctx["cfg"]["include_failed"]
+                "pipeline check; the primary estimates leave them out**)" if c.cfg["include_failed"]
                 else " (those that pass their controls)")
-             + f". Bootstrap: {ctx['cfg']['n_boot']} "
-             f"two-stage resamples (runs, then words or images), seed {ctx['cfg']['seed']}.", "",
+             + f". Bootstrap: {c.cfg['n_boot']} "
+             f"two-stage resamples (runs, then words or images), seed {c.cfg['seed']}.", "",
              "## Runs and their controls", "",
              "| run | arm | JL seed | step | k | ScoreDecomp accuracy at k [95% CI] (AUC) | controls | pooled |",
              "|---|---|---|---|---|---|---|---|"]
-    for run in runs:
+    for run in c.runs:
         s = run["summary"]
         acc = s.get("accuracy_at_k") or {}
         accuracy = (f"{fmt(acc.get('accuracy'), '.3f')} {fmt_ci((acc.get('ci_low', math.nan), acc.get('ci_high', math.nan)), '.3f')}"
                     f" ({fmt(acc.get('auc', math.nan), '.3f')})") if acc else "-"
         controls = "passed" if not run["failed"] else "FAILED: " + "; ".join(run["failed"])
         lines.append(f"| {run['name']} | {run['arm']} | {run['jl_seed']} | {s['run_step']} | {s['k']} | {accuracy} | "
-                     f"{controls} | {'yes' if run in included else '**no**'} |")
-    lines += ["", "## 1. Seen words (trained on gender-balanced images)", "",
-              "Female share pooled over each run's sampling seeds (Wilson 95% CI), the spread between seeds (sd, "
-              "and the chi-square p that the seeds agree), and per arm the mean over runs with a two-stage "
-              "bootstrap interval.", ""]
-    for guidance in ctx["guidances"]:
-        for method in ctx["methods"]:
+                     f"{controls} | {'yes' if run in c.included else '**no**'} |")
+    return lines
+
+
+def seen_section(c: Combined) -> list[str]:
+    """1. The seen words: per guidance and method, each arm's mean over runs; seed agreement."""
+    lines = ["", "## 1. Seen words (trained on gender-balanced images)", "",
+             "Female share pooled over each run's sampling seeds (Wilson 95% CI), the spread between seeds (sd, "
+             "and the chi-square p that the seeds agree), and per arm the mean over runs with a two-stage "
+             "bootstrap interval.", ""]
+    for guidance in c.guidances:
+        for method in c.methods:
             lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "",
                       "| arm | word | mean over runs [95% CI] | per run | runs |", "|---|---|---|---|---|"]
-            for r in ctx["seen_arms"]:
+            for r in c.seen_arms:
                 if r["guidance"] == guidance and r["method"] == method:
                     lines.append(f"| {r['arm']} | {r['word']} | {fmt(r['share'])} {fmt_ci((r['ci_low'], r['ci_high']))} | "
                                  f"{r['per_run']} | {r['n_runs']} |")
             lines.append("")
     lines += ["Per run (pooled over seeds): seen.csv. Seed agreement: "
               + (f"the smallest chi-square p over all runs, words, scales and methods is "
-                 f"{fmt(ctx['min_homogeneity_p'], '.3g')} over {ctx['n_homogeneity']} tests." if ctx["n_homogeneity"]
+                 f"{fmt(c.min_homogeneity_p, '.3g')} over {c.n_homogeneity} tests." if c.n_homogeneity
                  else "no multi-seed rows."), ""]
-    lines += ["## 2. Unseen words: does the embedding's bias reach the images?", "",
-              "Slope of the female share on the word's cosine gap cos(w, woman) - cos(w, man), pooled per arm over "
-              "its runs (95% intervals over runs and words); undefined where the gap has no spread.", ""]
-    for guidance in ctx["guidances"]:
-        for method in ctx["methods"]:
+    return lines
+
+
+def unseen_section(c: Combined) -> list[str]:
+    """2. The unseen words: per guidance and method, each arm's pooled slope on each x (and its plot)."""
+    lines = ["## 2. Unseen words: does the embedding's bias reach the images?", "",
+             "Slope of the female share on the word's cosine gap cos(w, woman) - cos(w, man), pooled per arm over "
+             "its runs (95% intervals over runs and words); undefined where the gap has no spread.", ""]
+    for guidance in c.guidances:
+        for method in c.methods:
             lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "",
                       "| arm | x | slope [95% CI] | R^2 [95% CI] | runs x words |", "|---|---|---|---|---|"]
-            for r in ctx["fit_rows"]:
+            for r in c.fit_rows:
                 if r["level"] == "arm" and r["guidance"] == guidance and r["method"] == method:
                     slope = (f"{fmt(r['slope'])} {fmt_ci((r['slope_ci_low'], r['slope_ci_high']))}" if r["defined"]
                              else f"undefined: {r['reason']}")
                     r2 = f"{fmt(r['r2'])} {fmt_ci((r['r2_ci_low'], r['r2_ci_high']))}" if r["defined"] else "-"
                     lines.append(f"| {r['arm']} | {X_VARIANTS[r['x']].pooled} | {slope} | {r2} | {r['n_points']} |")
-            plot = ctx["plots"].get(("regression", guidance, method))
+            plot = c.plots.get(("regression", guidance, method))
             if plot:
                 lines += ["", f"![regression g{guidance:g} {method}]({plot})"]
             lines.append("")
-    lines += ["### Each arm's slope minus the w2v slope", "", "| arm | guidance | method | x | difference [95% CI] |",
-              "|---|---|---|---|---|"]
-    for c in ctx["contrast_rows"]:
-        diff = f"{fmt(c['difference'])} {fmt_ci((c['ci_low'], c['ci_high']))}" if c["defined"] else "undefined"
-        lines.append(f"| {c['arm']} | {c['guidance']:g} | {METHOD_NAMES.get(c['method'], c['method'])} | "
-                     f"{X_VARIANTS[c['x']].pooled} | {diff} |")
-    lines += ["", "### How far apart are the unseen words' shares?", "",
-              "Standard deviation of the female share across the unseen words (mean over the arm's runs), the "
-              "part of it beyond binomial sampling noise (tau = sqrt(var - mean p(1-p)/(n-1)); 0 = the words differ "
-              "by noise alone), the noise's own sd, and the lowest and highest share; 95% intervals from a "
-              "two-stage bootstrap over runs and words.", "",
-              "| arm | guidance | method | sd of shares [95% CI] | tau, beyond noise [95% CI] | noise sd | "
-              "lowest - highest share |", "|---|---|---|---|---|---|---|"]
-    for r in ctx["spread_rows"]:
+    return lines
+
+
+def contrast_section(c: Combined) -> list[str]:
+    """Each arm's slope minus the reference arm's."""
+    lines = ["### Each arm's slope minus the w2v slope", "", "| arm | guidance | method | x | difference [95% CI] |",
+             "|---|---|---|---|---|"]
+    for r in c.contrast_rows:
+        diff = f"{fmt(r['difference'])} {fmt_ci((r['ci_low'], r['ci_high']))}" if r["defined"] else "undefined"
+        lines.append(f"| {r['arm']} | {r['guidance']:g} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                     f"{X_VARIANTS[r['x']].pooled} | {diff} |")
+    return lines
+
+
+def spread_section(c: Combined) -> list[str]:
+    """How far apart the unseen words' shares are, per arm: sd, tau beyond binomial noise, range."""
+    lines = ["", "### How far apart are the unseen words' shares?", "",
+             "Standard deviation of the female share across the unseen words (mean over the arm's runs), the "
+             "part of it beyond binomial sampling noise (tau = sqrt(var - mean p(1-p)/(n-1)); 0 = the words differ "
+             "by noise alone), the noise's own sd, and the lowest and highest share; 95% intervals from a "
+             "two-stage bootstrap over runs and words.", "",
+             "| arm | guidance | method | sd of shares [95% CI] | tau, beyond noise [95% CI] | noise sd | "
+             "lowest - highest share |", "|---|---|---|---|---|---|---|"]
+    for r in c.spread_rows:
         if r["level"] == "arm":
             lines.append(f"| {r['arm']} | {r['guidance']:g} | {METHOD_NAMES.get(r['method'], r['method'])} | "
                          f"{fmt(r['sd'])} {fmt_ci((r['sd_ci_low'], r['sd_ci_high']))} | "
                          f"{fmt(r['tau'])} {fmt_ci((r['tau_ci_low'], r['tau_ci_high']))} | {fmt(r['noise_sd'])} | "
                          f"{fmt(r['min'])} - {fmt(r['max'])} |")
-    lines += ["", "### Held-out prediction (fit on half the words, predict the other half)", "",
-              "| arm | guidance | method | x | RMSE | MAE | R^2 out of sample |", "|---|---|---|---|---|---|---|"]
-    for h in ctx["held_rows"]:
+    return lines
+
+
+def held_out_section(c: Combined) -> list[str]:
+    """The held-out prediction: fit on half the words, predict the other half."""
+    lines = ["", "### Held-out prediction (fit on half the words, predict the other half)", "",
+             "| arm | guidance | method | x | RMSE | MAE | R^2 out of sample |", "|---|---|---|---|---|---|---|"]
+    for h in c.held_rows:
         lines.append(f"| {h['arm']} | {h['guidance']:g} | {METHOD_NAMES.get(h['method'], h['method'])} | "
                      f"{X_VARIANTS[h['x']].pooled} | {fmt(h['rmse'], '.3f')} | {fmt(h['mae'], '.3f')} | "
                      f"{fmt(h['r2_out'], '.2f')} |")
-    lines += ["", "## 3. What the projection alone does to a word's gap (no training)", "",
-              "after-JL gap - before-JL gap over all usable professions:", "",
-              "| embedding | dims | JL seed | words | mean | sd | 95th pct of abs | min | max | 1/sqrt(dims) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ctx["shift_summary"]:
+    return lines
+
+
+def projection_section(c: Combined) -> list[str]:
+    """3. What the JL projection alone does to a word's gap (and its plot)."""
+    lines = ["", "## 3. What the projection alone does to a word's gap (no training)", "",
+             "after-JL gap - before-JL gap over all usable professions:", "",
+             "| embedding | dims | JL seed | words | mean | sd | 95th pct of abs | min | max | 1/sqrt(dims) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in c.shift_summary:
         lines.append(f"| {r['embedding']} | {r['jl_dim']} | {r['jl_seed']} | {r['n_words']} | {r['mean']:+.3f} | "
                      f"{r['sd']:.3f} | {r['abs_p95']:.3f} | {r['min']:+.3f} | {r['max']:+.3f} | "
                      f"{r['one_over_sqrt_dim']:.3f} |")
-    if ctx["plots"].get("jl"):
-        lines += ["", f"![projection shifts]({ctx['plots']['jl']})"]
-    lines += ["", "## 4. Dose-response and the Lipschitz view", ""]
-    if ctx["dose_slopes"]:
+    if c.plots.get("jl"):
+        lines += ["", f"![projection shifts]({c.plots['jl']})"]
+    return lines
+
+
+def dose_lipschitz_section(c: Combined) -> list[str]:
+    """4. The dose-response slopes (and plot) and the Lipschitz ratios, per run."""
+    lines = ["", "## 4. Dose-response and the Lipschitz view", ""]
+    if c.dose_slopes:
         lines += ["Logistic slope of the female call on alpha (log-odds per unit of the gender direction), per run:", "",
                   "| run | word | space | method | slope [95% CI] |", "|---|---|---|---|---|"]
-        for s in ctx["dose_slopes"]:
+        for s in c.dose_slopes:
             lines.append(f"| {s['run']} | {s['word']} | {s['space']} | {s['method']} | {fmt(_float(s['slope']))} "
                          f"{fmt_ci((_float(s.get('slope_ci_low')), _float(s.get('slope_ci_high'))))} |")
-        if ctx["plots"].get("dose"):
-            lines += ["", f"![dose-response]({ctx['plots']['dose']})"]
+        if c.plots.get("dose"):
+            lines += ["", f"![dose-response]({c.plots['dose']})"]
     else:
         lines.append("No dose-response in these runs.")
     lines.append("")
-    if ctx["lipschitz_rows"]:
+    if c.lipschitz_rows:
         lines += ["Empirical Lipschitz ratios of the learned predictor in its conditioning (RMS change per unit of "
                   "||y1 - y2||), median and maximum over pairs and images, per run, for the noise eps, the score "
                   "-eps / sqrt(1 - abar) and the clean-image prediction x0; output-level L = the largest "
                   "|female share gap| / ||y1 - y2|| over the run's word pairs:", "",
                   "| run | t | eps median / max | score median / max | x0 median / max | output-level L |",
                   "|---|---|---|---|---|---|"]
-        for r in ctx["lipschitz_rows"]:
+        for r in c.lipschitz_rows:
             lines.append(f"| {r['run']} | {r['t']} | {r['median']:.3f} / {r['max']:.3f} | {r['score_median']:.3f} / "
                          f"{r['score_max']:.3f} | {r['x0_median']:.3f} / {r['x0_max']:.3f} | "
                          f"{fmt(r['output_lipschitz'], '.3f')} |")
-    lines += ["", "Files: runs.csv, seen.csv, seen_arms.csv, regressions.csv, contrasts.csv, held_out.csv, unseen.csv, "
-              "spread.csv, "
-              "jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv, dose_points.csv, lipschitz.csv, PNGs.", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    return lines
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_constants(constants_of(globals()), argv=argv, description=__doc__.splitlines()[0])
+FILES_LINES = ["", "Files: runs.csv, seen.csv, seen_arms.csv, regressions.csv, contrasts.csv, held_out.csv, unseen.csv, "
+               "spread.csv, "
+               "jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv, dose_points.csv, lipschitz.csv, PNGs.", ""]
+
+
+def report_text(combined: Combined) -> str:
+    """report.md, section by section."""
+    sections = (runs_section, seen_section, unseen_section, contrast_section, spread_section, held_out_section,
+                projection_section, dose_lipschitz_section)
+    return "\n".join([line for section in sections for line in section(combined)] + FILES_LINES)
+
+
+def write_report(out: Path, combined: Combined) -> None:
+    """<out>/report.md, rendered from the combined result."""
+    atomic_write_text(out / "report.md", report_text(combined))
+
+
+def draw_plots(out: Path, included: list[dict], arm_fits: dict, shift_rows: list[dict], dose_points: list[dict],
+               guidances: list[float], methods: list[str]) -> dict:
+    """The PNGs the report shows: ("regression", guidance, method), "jl" or "dose" -> file name in --out."""
+    plots = {}
+    for guidance in guidances:
+        for method in methods:
+            if included:
+                name = f"regression_g{guidance:g}_{method}.png"
+                plot_regressions(included, arm_fits, guidance, method, out / name)
+                plots[("regression", guidance, method)] = name
+    if any(r["arm"] == "debiased" for r in included) and guidances:
+        plot_jl_shifts(shift_rows, included, 1.0 if 1.0 in guidances else guidances[0], "scoredecomp", out / "jl_shifts.png")
+        plots["jl"] = "jl_shifts.png"
+    if dose_points:
+        plot_dose(dose_points, out / "dose_response.png")
+        plots["dose"] = "dose_response.png"
+    return plots
+
+
+def checked_runs(cfg: dict) -> list[dict]:
+    """The --runs, loaded, once they are distinct runs that belong together and --out lies outside them."""
     entries = [e.strip() for e in cfg["runs"].split(",") if e.strip()]
     require(bool(entries), "--runs: give the audited run folders, comma-separated")
     require(len(set(entries)) == len(entries), f"--runs: a run is listed twice in {cfg['runs']!r}")
@@ -723,6 +815,12 @@ def main(argv: list[str] | None = None) -> dict:
         run["words_file"] = words_file_of(run)
     refuse_mixed_runs(runs)
     refuse_foreign_out(Path(cfg["out"]), runs)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = config_from_constants(constants_of(globals()), argv=argv, description=__doc__.splitlines()[0])
+    runs = checked_runs(cfg)
     included = [run for run in runs if not run["failed"] or cfg["include_failed"]]
     pooled_arms = list(dict.fromkeys(r["arm"] for r in included))
     # a one-arm combine (experiment.py --arms debiased) has nothing to contrast: only the default may be absent there
@@ -741,19 +839,7 @@ def main(argv: list[str] | None = None) -> dict:
     lipschitz_rows = lipschitz_table(included)
     guidances = sorted({r["guidance"] for run in runs for r in run["shares"]})
     methods = list(dict.fromkeys(r["method"] for run in runs for r in run["shares"]))
-    plots = {}
-    for guidance in guidances:
-        for method in methods:
-            if included:
-                name = f"regression_g{guidance:g}_{method}.png"
-                plot_regressions(included, arm_fits, guidance, method, out / name)
-                plots[("regression", guidance, method)] = name
-    if any(r["arm"] == "debiased" for r in included) and guidances:
-        plot_jl_shifts(shift_rows, included, 1.0 if 1.0 in guidances else guidances[0], "scoredecomp", out / "jl_shifts.png")
-        plots["jl"] = "jl_shifts.png"
-    if dose_points:
-        plot_dose(dose_points, out / "dose_response.png")
-        plots["dose"] = "dose_response.png"
+    plots = draw_plots(out, included, arm_fits, shift_rows, dose_points, guidances, methods)
     homogeneity = [r["homogeneity_p"] for r in seen_runs if r["n_seeds"] > 1 and not math.isnan(r["homogeneity_p"])]
     run_rows = [{"run": r["name"], "arm": r["arm"], "jl_seed": r["jl_seed"], "step": r["summary"]["run_step"],
                  "k": r["summary"]["k"], "included": r in included, "controls_failed": "; ".join(r["failed"]),
@@ -765,13 +851,13 @@ def main(argv: list[str] | None = None) -> dict:
                        ("jl_shift_summary.csv", shift_summary), ("dose_slopes.csv", dose_slopes),
                        ("dose_points.csv", dose_points), ("lipschitz.csv", lipschitz_rows)):
         atomic_write_text(out / name, compact_csv_text(rows, list(rows[0]) if rows else ["empty"]))
-    ctx = dict(cfg=cfg, runs=runs, included=included, arms=list(dict.fromkeys(r["arm"] for r in runs)),
-               seen_arms=seen_arms, fit_rows=fit_rows, contrast_rows=contrast_rows, held_rows=held_rows,
-               spread_rows=spread_rows,
-               shift_summary=shift_summary, dose_slopes=dose_slopes, lipschitz_rows=lipschitz_rows,
-               guidances=guidances, methods=methods, plots=plots,
-               min_homogeneity_p=min(homogeneity) if homogeneity else math.nan, n_homogeneity=len(homogeneity))
-    write_report(out, ctx)
+    combined = Combined(cfg=cfg, runs=runs, included=included, arms=list(dict.fromkeys(r["arm"] for r in runs)),
+                        seen_arms=seen_arms, fit_rows=fit_rows, contrast_rows=contrast_rows, held_rows=held_rows,
+                        spread_rows=spread_rows, shift_summary=shift_summary, dose_slopes=dose_slopes,
+                        lipschitz_rows=lipschitz_rows, guidances=guidances, methods=methods, plots=plots,
+                        min_homogeneity_p=min(homogeneity) if homogeneity else math.nan,
+                        n_homogeneity=len(homogeneity))
+    write_report(out, combined)
     print(f"[combine] {len(runs)} runs ({len(included)} pass their controls); wrote "
           f"{display_path(out / 'report.md', Path.cwd())}")
     return {"runs": runs, "included": included, "seen_arms": seen_arms, "fits": fit_rows, "contrasts": contrast_rows,

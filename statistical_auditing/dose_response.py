@@ -27,9 +27,11 @@ dose-response's own folder (utils.check_output_folder).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,10 +146,39 @@ def plot(rows: list[dict], words: list[str], spaces: list[str], path: Path) -> N
         plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from bias_begets_bias.pipeline import TrainedRun
-    from statistical_auditing.core.score_models import PixelScoreModel
+# ----------------------------------------------------------------------------- the stages of main
+@dataclasses.dataclass
+class DosePlan:
+    """Where each word moves and how far: per space (embedding = before the JL projection,
+    projected = the check after it) the alphas and the images per point."""
 
+    spaces: list[str]  # --spaces, in the order given
+    alphas: dict[str, list[float]]  # space -> --alphas (embedding) or --check_alphas (projected)
+    n_per_point: dict[str, int]  # space -> --n_per_point or --check_n_per_point
+
+
+@dataclasses.dataclass
+class ScoringModel:
+    """The run's score model and the ScoreDecomp k its calls use."""
+
+    score_model: Any  # score_models.PixelScoreModel; .run is the pipeline.TrainedRun
+    k: int  # --k, or the k the run's audit chose
+
+
+@dataclasses.dataclass
+class DoseResponse:
+    """What the tables, the plot, report.md and dose_response.json are rendered from."""
+
+    cfg: dict
+    plan: DosePlan
+    words: list[str]
+    k: int
+    rows: list[dict]  # dose_response.csv: per word, space, alpha and method
+    slopes: list[dict]  # slopes.csv: per word, space and method
+
+
+def parse_flags(argv: list[str] | None) -> tuple[dict, DosePlan]:
+    """The flags, and the alphas, images per point and spaces they name."""
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])
     alphas = {"embedding": parse_distinct_numbers(cfg["alphas"], "alphas"),
@@ -157,11 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [s for s in spaces if s not in SHIFT_SPACES]
     require(bool(spaces) and not unknown, f"--spaces: expected a comma-separated subset of {SHIFT_SPACES}, "
                                           f"got {cfg['spaces']!r}")
-    if cfg["num_threads"]:
-        torch.set_num_threads(cfg["num_threads"])
-    started = time.perf_counter()
+    return cfg, DosePlan(spaces, alphas, n_per_point)
+
+
+def load_model(cfg: dict) -> ScoringModel:
+    """The run's score model, once --sample_steps fits its schedule and the k (--k, or with 0 the
+    audit's) names a timestep of its table."""
+    from statistical_auditing.core.score_models import PixelScoreModel
+
     score_model = PixelScoreModel(cfg["run"], resolve_device(cfg["device"]))
-    run: TrainedRun = score_model.run
+    run = score_model.run
     require(1 <= cfg["sample_steps"] <= run.config["num_train_timesteps"],
             f"--sample_steps: need 1..{run.config['num_train_timesteps']}, got {cfg['sample_steps']}")
     k = cfg["k"] or audit_k(run.run_dir)
@@ -170,31 +206,43 @@ def main(argv: list[str] | None = None) -> dict:
     except InputError as error:
         origin = "" if cfg["k"] else f" (the k of {run.run_dir / 'audit' / 'audit.json'})"
         raise InputError(f"--k: {error}{origin}") from None
-    wv = run.embedding
-    words = choose_words(cfg, run, wv)
+    return ScoringModel(score_model, k)
+
+
+def claimed_output(cfg: dict, run, plan: DosePlan, words: list[str], image_size: int) -> Path:
+    """--out (default <run>/dose_response), claimed once it is this tool's and this run's folder
+    (another's is refused before any work) and the cached images fit in memory and on disk."""
     owner = dict(tool="dose_response", run_dir=run.run_dir, run_id=run_identity(run.run_dir, run.config),
                  default=run.run_dir / "dose_response")
     out = Path(cfg["out"] or run.run_dir / "dose_response")
-    check_output_folder(out, **owner)  # another tool's or another run's folder is refused before any work
+    check_output_folder(out, **owner)
     out = writable_folder(out, "out")
-    n_images = len(words) * sum(len(alphas[s]) * n_per_point[s] for s in spaces)
-    what = f"--n_per_point {cfg['n_per_point']} ({n_images:,} images of {score_model.image_size} px, cached in {out})"
-    require_memory(cfg["n_per_point"] * 3 * score_model.image_size ** 2, what)
-    require_disk(out, n_images * 3 * score_model.image_size ** 2, what)
-
+    n_images = len(words) * sum(len(plan.alphas[s]) * plan.n_per_point[s] for s in plan.spaces)
+    what = f"--n_per_point {cfg['n_per_point']} ({n_images:,} images of {image_size} px, cached in {out})"
+    require_memory(cfg["n_per_point"] * 3 * image_size ** 2, what)
+    require_disk(out, n_images * 3 * image_size ** 2, what)
     claim_output_folder(out, **owner)
-    mode = run.config["debias"]
+    return out
+
+
+def measure_points(cfg: dict, plan: DosePlan, words: list[str], model: ScoringModel, out: Path) -> list[dict]:
+    """dose_response.csv: for every word, space and alpha, the moved vector's cosine gaps before
+    and after the projection, and the female share of its images by each method (images cached
+    in <out>/samples)."""
+    score_model, k = model.score_model, model.k
+    run = score_model.run
+    wv, mode = run.embedding, run.config["debias"]
     before_reference = np.stack([wv.unit(FEMALE_WORD), wv.unit(MALE_WORD)])
     seen_reference = conditioning_table([FEMALE_WORD, MALE_WORD], wv, run.jl_matrix, mode)
     rows = []
-    points = [(w, s, a) for w in words for s in spaces for a in alphas[s]]
+    points = [(w, s, a) for w in words for s in plan.spaces for a in plan.alphas[s]]
     for word, space, alpha in progress_bar(points, desc="dose-response (word, space, alpha)"):
         vector = gender_shifted_table(word, [alpha], wv, run.jl_matrix, mode, space)
         before = (float(gaps_of(unit_rows(wv.unit(word)[None] + alpha * wv.gender_direction[None]), before_reference)[0])
                   if space == "embedding" else math.nan)
         after = float(gaps_of(vector, seen_reference)[0])
         key = f"{word}/{space}/{alpha:+.4f}"
-        images, _ = cached_samples(run, key, torch.from_numpy(vector[0]), cfg["guidance"], n_per_point[space],
+        images, _ = cached_samples(run, key, torch.from_numpy(vector[0]), cfg["guidance"], plan.n_per_point[space],
                                    derived_seed(cfg["seed"], "dose", key), cfg["sampler"], cfg["sample_steps"],
                                    cfg["batch_size"], out / "samples")
         calls = {"attribute": hair_calls([a["hair"] for a in measure_attributes(images)]),
@@ -203,6 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
         for method in METHODS:
             rows.append({"word": word, "space": space, "alpha": alpha, "gap_before": before, "gap_after": after,
                          "method": method, **share_of_calls(calls[method])})
+    return rows
+
+
+def fit_slopes(rows: list[dict], words: list[str], spaces: list[str]) -> list[dict]:
+    """slopes.csv: per word, space and method the logistic slope of the calls on alpha (NaN, not
+    converged, with a note where it cannot be fitted)."""
     slopes = []
     for word in words:
         for space in spaces:
@@ -217,28 +271,54 @@ def main(argv: list[str] | None = None) -> dict:
                 except ValueError as error:
                     entry.update(slope=math.nan, converged=False, note=str(error))
                 slopes.append(entry)
-    atomic_write_text(out / "dose_response.csv", compact_csv_text(rows, COLUMNS))
-    atomic_write_text(out / "slopes.csv", compact_csv_text(slopes, SLOPE_COLUMNS))
-    plot(rows, words, spaces, out / "dose_response.png")
-    seconds = time.perf_counter() - started
-    lines = [f"# Dose-response of `{record_path(run.run_dir, run.run_dir.parent)}`", "",
-             f"Words {', '.join(words)}; alphas {', '.join(f'{a:g}' for a in alphas['embedding'])} (moved before the "
-             f"projection, {cfg['n_per_point']} images per point) and {', '.join(f'{a:g}' for a in alphas['projected'])}"
-             f" (the check after it, {cfg['check_n_per_point']} per point); spaces: {', '.join(spaces)}; guidance {cfg['guidance']:g}; {cfg['sampler']} "
-             f"{cfg['sample_steps']} steps; ScoreDecomp k = {k}; seed {cfg['seed']}; {seconds / 60:.1f} min.", "",
-             "| word | space | method | logistic slope [95% CI] | share at lowest / highest alpha |",
+    return slopes
+
+
+def report_text(result: DoseResponse, run_name: str, seconds: float) -> str:
+    """report.md: what was moved and how, then the slopes."""
+    cfg, alphas = result.cfg, result.plan.alphas
+    lines = [f"# Dose-response of `{run_name}`", "",
+             f"Words {', '.join(result.words)}; alphas {', '.join(f'{a:g}' for a in alphas['embedding'])} (moved "
+             f"before the projection, {cfg['n_per_point']} images per point) and "
+             f"{', '.join(f'{a:g}' for a in alphas['projected'])} (the check after it, {cfg['check_n_per_point']} per "
+             f"point); spaces: {', '.join(result.plan.spaces)}; guidance {cfg['guidance']:g}; {cfg['sampler']} "
+             f"{cfg['sample_steps']} steps; ScoreDecomp k = {result.k}; seed {cfg['seed']}; {seconds / 60:.1f} min.",
+             "", "| word | space | method | logistic slope [95% CI] | share at lowest / highest alpha |",
              "|---|---|---|---|---|"]
-    for s in slopes:
+    for s in result.slopes:
         ci = f"[{s['slope_ci_low']:.2f}, {s['slope_ci_high']:.2f}]" if "slope_ci_low" in s else ""
         flag = "" if s.get("converged") else " (not converged: separated data)"
         lines.append(f"| {s['word']} | {s['space']} | {s['method']} | {s['slope']:.2f} {ci}{flag} | "
                      f"{s['share_at_min_alpha']:.2f} / {s['share_at_max_alpha']:.2f} |")
     lines += ["", "![dose-response](dose_response.png)", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
-    atomic_write_json(out / "dose_response.json", {"config": recorded_flags(cfg, run.run_dir), "k": k, "words": words,
-                                                   "run_step": run.step, "seconds": seconds})
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, run, result: DoseResponse, started: float) -> None:
+    """dose_response.csv, slopes.csv, dose_response.png, report.md and dose_response.json."""
+    atomic_write_text(out / "dose_response.csv", compact_csv_text(result.rows, COLUMNS))
+    atomic_write_text(out / "slopes.csv", compact_csv_text(result.slopes, SLOPE_COLUMNS))
+    plot(result.rows, result.words, result.plan.spaces, out / "dose_response.png")
+    seconds = time.perf_counter() - started
+    atomic_write_text(out / "report.md", report_text(result, record_path(run.run_dir, run.run_dir.parent), seconds))
+    atomic_write_json(out / "dose_response.json", {"config": recorded_flags(result.cfg, run.run_dir), "k": result.k,
+                                                   "words": result.words, "run_step": run.step, "seconds": seconds})
     print(f"[dose-response] wrote {out / 'report.md'} ({seconds / 60:.1f} min)")
-    return {"rows": rows, "slopes": slopes, "words": words, "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, plan = parse_flags(argv)
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
+    started = time.perf_counter()
+    model = load_model(cfg)
+    run = model.score_model.run
+    words = choose_words(cfg, run, run.embedding)
+    out = claimed_output(cfg, run, plan, words, model.score_model.image_size)
+    rows = measure_points(cfg, plan, words, model, out)
+    result = DoseResponse(cfg, plan, words, model.k, rows, fit_slopes(rows, words, plan.spaces))
+    write_outputs(out, run, result, started)
+    return {"rows": rows, "slopes": result.slopes, "words": words, "out": str(out)}
 
 
 if __name__ == "__main__":

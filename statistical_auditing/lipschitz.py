@@ -29,6 +29,7 @@ lipschitz's own folder (utils.check_output_folder).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -199,35 +200,108 @@ def plot(per_t: list[dict], pairs: list[dict], path: Path) -> None:
         plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from bias_begets_bias.pipeline import TrainedRun
+# ----------------------------------------------------------------------------- the stages of main
+@dataclasses.dataclass
+class Conditioning:
+    """The conditioning vectors compared: the audit's words, then the dose-response points of
+    --dose_word, each distinct vector once (alpha = 0 is the word itself, up to float rounding)."""
 
+    words: list[str]  # the audit's seen, then unseen words
+    vectors: torch.Tensor  # (V, dim) float32, distinct rows
+    labels: list[tuple[str, str]]  # per vector: ("word", word) or ("dose", f"{dose_word}{alpha:+g}")
+
+
+@dataclasses.dataclass
+class ObservedOutputs:
+    """What the run's images showed, from its audit and its dose-response."""
+
+    shares: dict[str, dict]  # word -> {"female": share, ...} of --method_for_outputs (audit_outputs)
+    scenes: dict[str, dict]  # word -> {"scenes": {scene: share}, ...} of the attribute method
+    dose: dict[float, float]  # alpha -> female share of --dose_word (empty without dose points)
+
+
+@dataclasses.dataclass
+class PredictorRatios:
+    """The noise predictor's Lipschitz ratios over every pair of conditioning vectors."""
+
+    pair_index: list[tuple[int, int]]  # (i, j), i < j: indices into Conditioning.vectors
+    distances: np.ndarray  # (P,) ||y_i - y_j||
+    ratios: np.ndarray  # (T, P, N): per timestep, pair and image
+    per_t: list[dict]  # per timestep: the ratio's quantiles for eps, score and x0 (predictor.csv)
+
+
+@dataclasses.dataclass
+class OutputGaps:
+    """The images: per pair of conditionings, their output distances against their distance."""
+
+    pairs: list[dict]  # pairs.csv
+    n_with_gap: int  # pairs whose two female shares are both known
+    output_lipschitz: float  # the largest female gap / distance over those pairs (NaN: none)
+    distance_p10: float  # 10th percentile of the pair distances
+    worst_close: dict | None  # among the pairs within distance_p10, the one of the largest female gap
+
+
+@dataclasses.dataclass
+class Lipschitz:
+    """What lipschitz.json and report.md are rendered from."""
+
+    cfg: dict
+    timesteps: list[int]
+    alphas: list[float]  # --dose_alphas (none without --dose_word)
+    conditioning: Conditioning
+    n_images: int  # held-out test images x_0
+    predictor: PredictorRatios
+    outputs: OutputGaps
+
+
+def parse_flags(argv: list[str] | None) -> tuple[dict, list[int], list[float]]:
+    """The flags, --timesteps, and --dose_alphas (none without --dose_word)."""
     cfg = config_from_constants(constants_of(globals()), PRESETS, argv, choices=CHOICES,
                                 description=__doc__.splitlines()[0])
     timesteps = parse_distinct_numbers(cfg["timesteps"], "timesteps", int)
     alphas = parse_number_list(cfg["dose_alphas"], "dose_alphas") if cfg["dose_word"] else []
-    if cfg["num_threads"]:
-        torch.set_num_threads(cfg["num_threads"])
-    started = time.perf_counter()
+    return cfg, timesteps, alphas
+
+
+def trained_run(cfg: dict, timesteps: list[int]):
+    """The run (pipeline.TrainedRun), whose training timesteps must hold every --timesteps."""
+    from bias_begets_bias.pipeline import TrainedRun
+
     run = TrainedRun(cfg["run"], resolve_device(cfg["device"]))
     n_train = run.config["num_train_timesteps"]
     bad = [t for t in timesteps if not 0 <= t < n_train]
     require(not bad, f"--timesteps: {bad} outside 0..{n_train - 1}")
+    return run
+
+
+def output_folder(cfg: dict, run) -> tuple[Path, dict]:
+    """--out (default <run>/lipschitz) and the owner record claiming it; another tool's or another
+    run's folder is refused here, before any work."""
     out = Path(cfg["out"] or run.run_dir / "lipschitz")
     require_writable(out, "out")
     owner = dict(tool="lipschitz", run_dir=run.run_dir, run_id=run_identity(run.run_dir, run.config),
                  default=run.run_dir / "lipschitz")
-    check_output_folder(out, **owner)  # another tool's or another run's folder is refused before any work
-    audit_path = run.run_dir / "audit" / "audit.json"
+    check_output_folder(out, **owner)
+    return out, owner
+
+
+def read_audit(run_dir: Path) -> dict:
+    """The run's audit.json: its words and shares are compared here."""
+    audit_path = run_dir / "audit" / "audit.json"
     try:
         audit = json.loads(audit_path.read_text())
     except (OSError, ValueError):
         raise InputError(f"{audit_path}: missing or unreadable; run statistical_auditing/audit.py --run "
-                         f"{run.run_dir} first (its words and shares are compared here)") from None
+                         f"{run_dir} first (its words and shares are compared here)") from None
     if not isinstance(audit, dict) or not all(isinstance(audit.get(key, []), list) for key in ("seen", "unseen")):
         raise InputError(f"{audit_path}: not an audit summary (a JSON object with the lists seen and unseen); rerun "
-                         f"statistical_auditing/audit.py --run {run.run_dir}")
-    check_measured(cfg, run.run_dir, audit, alphas)
+                         f"statistical_auditing/audit.py --run {run_dir}")
+    return audit
+
+
+def conditioning_vectors(cfg: dict, run, audit: dict, alphas: list[float]) -> Conditioning:
+    """The audit's words (the run's own when the audit lists no seen words) and the dose-response
+    points of --dose_word, as the model sees them."""
     words = list(dict.fromkeys(list(audit.get("seen", run.words)) + list(audit.get("unseen", []))))
     labels = [("word", w) for w in words]
     vectors = [run.word_vectors(words)]
@@ -241,23 +315,41 @@ def main(argv: list[str] | None = None) -> dict:
         labels += [("dose", f"{cfg['dose_word']}{a:+g}") for a in alphas]
     vectors = torch.cat(vectors).float()
     distinct = distinct_rows(vectors.numpy())  # alpha = 0 is the word itself, up to float rounding
-    vectors, labels = vectors[distinct], [labels[i] for i in distinct]
-    x0 = test_images(run, cfg["n_images"]) * 2 - 1
-    require_memory(len(timesteps) * len(x0) * len(vectors) * x0[0].numel() * 4 * 2,
-                   f"--timesteps / --n_images ({len(timesteps)} timesteps x {len(x0)} images x {len(vectors)} vectors "
-                   f"of noise predictions)")
-    shares = audit_outputs(run.run_dir, cfg["guidance_for_outputs"], cfg["method_for_outputs"])
-    scenes = audit_outputs(run.run_dir, cfg["guidance_for_outputs"], "attribute")
-    dose = dose_outputs(run.run_dir, cfg["dose_word"], cfg["method_for_outputs"]) if alphas else {}
-    eps = eps_for_vectors(run, x0, timesteps, vectors, cfg["seed"], cfg["batch_size"])  # (T, N, V, D)
+    return Conditioning(words, vectors[distinct], [labels[i] for i in distinct])
 
+
+def held_out_inputs(cfg: dict, run, n_timesteps: int, n_vectors: int) -> torch.Tensor:
+    """--n_images held-out test images in [-1, 1], once their noise predictions fit in memory."""
+    x0 = test_images(run, cfg["n_images"]) * 2 - 1
+    require_memory(n_timesteps * len(x0) * n_vectors * x0[0].numel() * 4 * 2,
+                   f"--timesteps / --n_images ({n_timesteps} timesteps x {len(x0)} images x {n_vectors} vectors "
+                   f"of noise predictions)")
+    return x0
+
+
+def observed_outputs(cfg: dict, run_dir: Path, alphas: list[float]) -> ObservedOutputs:
+    """The shares the run's audit (at --guidance_for_outputs) and dose-response measured."""
+    guidance, method = cfg["guidance_for_outputs"], cfg["method_for_outputs"]
+    return ObservedOutputs(shares=audit_outputs(run_dir, guidance, method),
+                           scenes=audit_outputs(run_dir, guidance, "attribute"),
+                           dose=dose_outputs(run_dir, cfg["dose_word"], method) if alphas else {})
+
+
+def predictor_ratios(run, eps: torch.Tensor, vectors: torch.Tensor, timesteps: list[int]) -> PredictorRatios:
+    """Per timestep, pair of vectors and image: ||eps(y1) - eps(y2)||_rms / ||y1 - y2|| (eps: (T, N, V, D))."""
     pair_index = list(itertools.combinations(range(len(vectors)), 2))
     distances = np.array([float((vectors[i] - vectors[j]).norm()) for i, j in pair_index])
-    ratios = np.empty((len(timesteps), len(pair_index), len(x0)))
+    ratios = np.empty((len(timesteps), len(pair_index), eps.shape[1]))
     for ti in range(len(timesteps)):
         for p, (i, j) in enumerate(pair_index):
             ratios[ti, p] = lipschitz_ratios(eps[ti, :, i].numpy(), eps[ti, :, j].numpy(), vectors[i].numpy(),
                                              vectors[j].numpy())
+    return PredictorRatios(pair_index, distances, ratios, per_timestep(run, ratios, timesteps))
+
+
+def per_timestep(run, ratios: np.ndarray, timesteps: list[int]) -> list[dict]:
+    """predictor.csv: the ratios' median, quartiles and maximum per timestep, in eps, and rescaled
+    to the score and to the clean-image prediction."""
     per_t = []
     for ti, t in enumerate(timesteps):
         abar = float(run.scheduler.alphas_cumprod[t])
@@ -268,20 +360,27 @@ def main(argv: list[str] | None = None) -> dict:
                       "max": float(ratios[ti].max()), "score_median": float(np.median(ratios[ti])) * score_scale,
                       "score_max": float(ratios[ti].max()) * score_scale,
                       "x0_median": float(np.median(ratios[ti])) * x0_scale, "x0_max": float(ratios[ti].max()) * x0_scale,
-                      "n_pairs": len(pair_index), "n_images": len(x0)})
+                      "n_pairs": ratios.shape[1], "n_images": ratios.shape[2]})
+    return per_t
 
+
+def output_gaps(cfg: dict, conditioning: Conditioning, observed: ObservedOutputs, predictor: PredictorRatios,
+                timesteps: list[int]) -> OutputGaps:
+    """pairs.csv (per pair: distance, female-share gap, scene total variation, mean ratio per
+    timestep) and the output-level Lipschitz constant over the pairs whose shares are known."""
+    labels, ratios, distances = conditioning.labels, predictor.ratios, predictor.distances
 
     def female(label: tuple[str, str]) -> float:
         kind, name = label
         if kind == "word":
-            return shares.get(name, {}).get("female", math.nan)
+            return observed.shares.get(name, {}).get("female", math.nan)
         alpha = round(float(name[len(cfg["dose_word"]):]), 6)
-        return dose.get(alpha, math.nan)
+        return observed.dose.get(alpha, math.nan)
 
     pairs = []
-    for p, (i, j) in enumerate(pair_index):
+    for p, (i, j) in enumerate(predictor.pair_index):
         a, b = labels[i], labels[j]
-        scene_a, scene_b = scenes.get(a[1], {}).get("scenes"), scenes.get(b[1], {}).get("scenes")
+        scene_a, scene_b = observed.scenes.get(a[1], {}).get("scenes"), observed.scenes.get(b[1], {}).get("scenes")
         tv = (0.5 * sum(abs(scene_a[s] - scene_b[s]) for s in SCENE_KEYS)
               if a[0] == b[0] == "word" and scene_a and scene_b else math.nan)
         kind = "dose points" if a[0] == b[0] == "dose" else ("words" if a[0] == b[0] == "word" else "word vs dose")
@@ -293,19 +392,18 @@ def main(argv: list[str] | None = None) -> dict:
     small = np.percentile(distances, 10)
     close_pairs = [q for q in with_gap if q["distance"] <= small]
     worst_close = max(close_pairs, key=lambda q: q["female_gap"], default=None)
-    claim_output_folder(out, **owner)
-    atomic_write_text(out / "predictor.csv", compact_csv_text(per_t, list(per_t[0])))
-    atomic_write_text(out / "pairs.csv", compact_csv_text(pairs, list(pairs[0]) if pairs else ["y1"]))
-    plot(per_t, pairs, out / "lipschitz.png")
-    summary = {"run": record_path(run.run_dir, run.run_dir.parent), "run_step": run.step, "timesteps": timesteps, "n_vectors": len(vectors),
-               "n_pairs": len(pair_index), "n_images": len(x0), "per_timestep": per_t,
-               "output_lipschitz": output_lipschitz, "distance_p10": float(small),
-               "worst_close_pair": worst_close, "config": recorded_flags(cfg, run.run_dir), "seconds": time.perf_counter() - started}
-    atomic_write_json(out / "lipschitz.json", summary)
-    lines = [f"# Lipschitz view of `{summary['run']}`", "",
-             f"{len(vectors)} conditioning vectors ({len(words)} words"
-             + (f", {len(alphas)} dose-response points of {cfg['dose_word']}" if alphas else "")
-             + f"), {len(pair_index)} pairs, {len(x0)} test images, timesteps {', '.join(map(str, timesteps))}.", "",
+    return OutputGaps(pairs, len(with_gap), output_lipschitz, small, worst_close)
+
+
+def report_text(result: Lipschitz, run_name: str) -> str:
+    """report.md: the predictor's ratios per timestep, then the output level."""
+    cfg, conditioning, predictor, outputs = result.cfg, result.conditioning, result.predictor, result.outputs
+    worst_close, small = outputs.worst_close, outputs.distance_p10
+    lines = [f"# Lipschitz view of `{run_name}`", "",
+             f"{len(conditioning.vectors)} conditioning vectors ({len(conditioning.words)} words"
+             + (f", {len(result.alphas)} dose-response points of {cfg['dose_word']}" if result.alphas else "")
+             + f"), {len(predictor.pair_index)} pairs, {result.n_images} test images, timesteps "
+             f"{', '.join(map(str, result.timesteps))}.", "",
              "Ratios ||f(x_t, y1) - f(x_t, y2)||_rms / ||y1 - y2|| for three views of the same prediction: the "
              "noise eps, the score s = -eps / sqrt(1 - abar_t) (the quantity the Lipschitz assumption is about) and "
              "the clean-image prediction x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (pixel units in [-1, 1]).",
@@ -313,17 +411,56 @@ def main(argv: list[str] | None = None) -> dict:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['t']} | {r['median']:.3f} [{r['q25']:.3f}, {r['q75']:.3f}] | {r['max']:.3f} | "
               f"{r['score_median']:.3f} | {r['score_max']:.3f} | {r['x0_median']:.3f} | {r['x0_max']:.3f} |"
-              for r in per_t]
+              for r in predictor.per_t]
     lines += ["", f"Output level ({cfg['method_for_outputs']} female shares, guidance {cfg['guidance_for_outputs']:g}): "
-              f"the largest |female share gap| / ||y1 - y2|| over {len(with_gap)} pairs is {output_lipschitz:.3f}."]
+              f"the largest |female share gap| / ||y1 - y2|| over {outputs.n_with_gap} pairs is "
+              f"{outputs.output_lipschitz:.3f}."]
     if worst_close:
         lines.append(f"Among the pairs closest in conditioning (distance <= {small:.3f}, the 10th percentile), the "
                      f"largest female-share gap is {worst_close['female_gap']:.2f} ({worst_close['y1']} vs "
                      f"{worst_close['y2']}, distance {worst_close['distance']:.3f}).")
     lines += ["", "![Lipschitz](lipschitz.png)", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, owner: dict, run, result: Lipschitz, started: float) -> dict:
+    """Claim --out, write predictor.csv, pairs.csv, lipschitz.png, lipschitz.json and report.md;
+    returns the summary (lipschitz.json)."""
+    predictor, outputs = result.predictor, result.outputs
+    claim_output_folder(out, **owner)
+    atomic_write_text(out / "predictor.csv", compact_csv_text(predictor.per_t, list(predictor.per_t[0])))
+    atomic_write_text(out / "pairs.csv", compact_csv_text(outputs.pairs, list(outputs.pairs[0]) if outputs.pairs
+                                                          else ["y1"]))
+    plot(predictor.per_t, outputs.pairs, out / "lipschitz.png")
+    summary = {"run": record_path(run.run_dir, run.run_dir.parent), "run_step": run.step,
+               "timesteps": result.timesteps, "n_vectors": len(result.conditioning.vectors),
+               "n_pairs": len(predictor.pair_index), "n_images": result.n_images, "per_timestep": predictor.per_t,
+               "output_lipschitz": outputs.output_lipschitz, "distance_p10": float(outputs.distance_p10),
+               "worst_close_pair": outputs.worst_close, "config": recorded_flags(result.cfg, run.run_dir),
+               "seconds": time.perf_counter() - started}
+    atomic_write_json(out / "lipschitz.json", summary)
+    atomic_write_text(out / "report.md", report_text(result, summary["run"]))
     print(f"[lipschitz] wrote {out / 'report.md'}")
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, timesteps, alphas = parse_flags(argv)
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
+    started = time.perf_counter()
+    run = trained_run(cfg, timesteps)
+    out, owner = output_folder(cfg, run)
+    audit = read_audit(run.run_dir)
+    check_measured(cfg, run.run_dir, audit, alphas)
+    conditioning = conditioning_vectors(cfg, run, audit, alphas)
+    x0 = held_out_inputs(cfg, run, len(timesteps), len(conditioning.vectors))
+    observed = observed_outputs(cfg, run.run_dir, alphas)
+    eps = eps_for_vectors(run, x0, timesteps, conditioning.vectors, cfg["seed"], cfg["batch_size"])  # (T, N, V, D)
+    predictor = predictor_ratios(run, eps, conditioning.vectors, timesteps)
+    outputs = output_gaps(cfg, conditioning, observed, predictor, timesteps)
+    result = Lipschitz(cfg, timesteps, alphas, conditioning, len(x0), predictor, outputs)
+    return write_outputs(out, owner, run, result, started)
 
 
 if __name__ == "__main__":
