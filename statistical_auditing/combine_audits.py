@@ -686,7 +686,7 @@ def unseen_section(c: Combined) -> list[str]:
 
 def contrast_section(c: Combined) -> list[str]:
     """Each arm's slope minus the reference arm's."""
-    lines = ["### Each arm's slope minus the w2v slope", "", "| arm | guidance | method | x | difference [95% CI] |",
+    lines = [f"### Each arm's slope minus the {c.cfg['reference_arm']} slope", "", "| arm | guidance | method | x | difference [95% CI] |",
              "|---|---|---|---|---|"]
     for r in c.contrast_rows:
         diff = f"{fmt(r['difference'])} {fmt_ci((r['ci_low'], r['ci_high']))}" if r["defined"] else "undefined"
@@ -826,7 +826,9 @@ def main(argv: list[str] | None = None) -> dict:
     # a one-arm combine (experiment.py --arms debiased) has nothing to contrast: only the default may be absent there
     require(cfg["reference_arm"] in pooled_arms or (cfg["reference_arm"] == REFERENCE_ARM and len(pooled_arms) < 2),
             f"--reference_arm: {cfg['reference_arm']!r} is not an arm of the pooled runs (arms: "
-            f"{', '.join(pooled_arms)})")
+            f"{', '.join(pooled_arms)})" if pooled_arms else
+            "--runs: no run passes its controls, so nothing is pooled (--include_failed true pools them anyway, "
+            "as a sensitivity analysis)")
     out = writable_folder(Path(cfg["out"]), "out")
     atomic_write_text(out / OWNER_FILE, json.dumps(OWNER) + "\n")
     seen_runs, seen_arms = seen_tables(runs, included, cfg)

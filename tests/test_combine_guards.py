@@ -146,6 +146,15 @@ def test_an_unknown_reference_arm_is_refused_naming_the_arms(tmp_path):
     assert not (tmp_path / "out").exists()
     result = combine(runs, tmp_path / "out", "--reference_arm", "debiased")
     assert result["contrasts"] and {c["arm"] for c in result["contrasts"]} == {"w2v"}
+    assert "### Each arm's slope minus the debiased slope" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nothing_pooled_says_so_instead_of_listing_no_arms(tmp_path):
+    runs = [make_run(tmp_path / name, arm, summary={"controls_failed": ["accuracy"]})
+            for name, arm in (("w2v-jl0", "w2v"), ("debiased-jl0", "debiased"))]
+    with pytest.raises(InputError, match="no run passes its controls.*--include_failed"):
+        combine(runs, tmp_path / "out", "--reference_arm", "debiased")
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- 4. thread-invariant projection shifts
