@@ -599,6 +599,27 @@ def claim_output_folder(out: Path, tool: str, run_dir: Path, run_id: str, defaul
     return out
 
 
+def claim_analysis_folder(out: Path, tool: str, flag: str = "out") -> Path:
+    """The output folder of an analysis over many runs (no run of its own): refused when it is or
+    lies in a run folder, or is a non-empty folder whose OWNER_FILE names another tool or that has
+    none; then created and marked as ``tool``'s. Call it after every input check."""
+    out_path = Path(out).expanduser()
+    inside = enclosing_run(out_path)
+    if inside is not None:
+        raise InputError(f"--{flag}: {out_path} is or lies in the run folder {inside}; {tool} writes outside runs")
+    resolved = out_path.resolve()
+    if resolved.is_dir() and any(resolved.iterdir()):
+        marker = load_json(resolved / OWNER_FILE) if (resolved / OWNER_FILE).is_file() else None
+        if not isinstance(marker, dict) or marker.get("tool") != tool:
+            owner = f"the output of {marker.get('tool')!r}" if isinstance(marker, dict) else f"no {OWNER_FILE}"
+            raise InputError(f"--{flag}: {out_path} is a non-empty folder that is not {tool}'s ({owner}); choose "
+                             f"an empty or new folder")
+    out_path = writable_folder(out_path, flag)
+    if not (out_path / OWNER_FILE).is_file():
+        atomic_write_json(out_path / OWNER_FILE, {"tool": tool})
+    return out_path
+
+
 def recorded_flags(cfg: dict, run_dir: Path, path_keys: Sequence[str] = ("run", "out", "words_file", "dataset_path")
                    ) -> dict:
     """A script's flags as its records (audit.json and the like) hold them: the path flags in

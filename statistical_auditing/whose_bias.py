@@ -23,8 +23,8 @@ import numpy as np
 
 from bias_begets_bias.cli import config_from_constants, constants_of, require, run_main
 from bias_begets_bias.pipeline import read_run_config, training_recipe
-from bias_begets_bias.utils import (atomic_write_text, compact_csv_text, load_json, read_csv_table, record_path,
-                                    writable_folder)
+from bias_begets_bias.utils import (atomic_write_text, claim_analysis_folder, compact_csv_text, load_json,
+                                    read_csv_table, record_path)
 from bias_begets_bias.word_vectors import ARM_DEBIAS
 from statistical_auditing.from_scratch import variance_components as vc
 
@@ -397,8 +397,6 @@ def main(argv: list[str] | None = None) -> dict:
     require(cfg["guidance"] > 0, f"--guidance: expected a scale > 0, got {cfg['guidance']}")
     runs_folder, out = Path(cfg["runs"]), Path(cfg["out"])
     runs = load_runs(runs_folder, cfg["method"], cfg["guidance"])
-    inside = [run.name for run in runs if out.resolve() == run.folder.resolve() or run.folder.resolve() in out.resolve().parents]
-    require(not inside, f"--out: {out} is inside the run {inside[0] if inside else ''}; give a folder outside the runs")
     words, dropped = common_words(runs)
     require(len(words) >= 3, f"--runs: only {len(words)} unseen words are audited in every run; need at least 3")
     order = [arm for arm in ARM_DEBIAS if any(run.arm == arm for run in runs)]
@@ -407,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     tables = {"components": component_rows(results), "differences": arm_differences(results, cfg),
               "predictors": predictor_rows(results), "per_run": [r for res in results.values() for r in res.per_run],
               "words": word_rows(results), "seen": seen_rows(arms, runs, cfg["level"])}
-    writable_folder(out, "out")
+    claim_analysis_folder(out, "whose_bias")
     for name, rows in tables.items():
         if rows:
             columns = list(dict.fromkeys(key for row in rows for key in row))

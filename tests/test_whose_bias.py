@@ -32,6 +32,7 @@ def write_run(folder: Path, arm: str, jl: int, train: int, shares: dict[str, flo
     config["train"] = config["train"] | {"seed": train, "debias": wb.ARM_DEBIAS[arm], "jl_seed": jl}
     (folder / "audit").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
+    (folder / "conditioning.safetensors").write_bytes(b"")  # marks a run folder; the analysis does not read it
     rng = np.random.default_rng(zlib.crc32(f"{arm}-{jl}-{train}".encode()))
     columns = ["word", "seen", "guidance", "method", "n", "successes", "share", "cosine_gap_w2v", "cosine_gap_jl"]
     with open(folder / "audit" / "proportions.csv", "w", newline="") as handle:
@@ -114,8 +115,13 @@ def test_bad_designs_are_refused_before_any_output(crossed_runs, tmp_path):
     shutil.copytree(runs / "debiased-jl1", runs / "copy-of-debiased-jl1")
     with pytest.raises(InputError, match="the same run"):
         wb.main(["--runs", str(runs), "--out", str(tmp_path / "out"), *ARGS])
-    with pytest.raises(InputError, match="--out.*inside the run"):
+    with pytest.raises(InputError, match="--out.*lies in the run folder"):
         wb.main(["--runs", str(crossed_runs), "--out", str(crossed_runs / "w2v-jl0" / "x"), *ARGS])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("a user's file")
+    with pytest.raises(InputError, match="--out.*not whose_bias's"):
+        wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "notes"), *ARGS])
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "a user's file"
     with pytest.raises(InputError, match="--runs.*not a folder"):
         wb.main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), *ARGS])
     with pytest.raises(InputError, match="no rows of method"):
