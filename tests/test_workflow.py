@@ -144,7 +144,7 @@ def test_a_changed_flag_redoes_its_jobs_and_everything_after_them(finished, tmp_
 def make_clone(tmp_path: Path) -> Path:
     """A git checkout of the project's code that the virtual environment does not know."""
     clone = tmp_path / "clone"
-    for part in ("diffusion_from_scratch", "statistical_auditing", "workflow", "data"):
+    for part in ("bias_begets_bias", "diffusion_from_scratch", "statistical_auditing", "workflow", "data"):
         shutil.copytree(REPO / part, clone / part, ignore=shutil.ignore_patterns("__pycache__", "generated"))
     git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(clone)], check=True)
@@ -172,7 +172,7 @@ def test_a_changed_script_is_redone_with_its_own_checkouts_code_and_the_record_s
     # the clone's lipschitz.py ran, and it imported the clone's library modules, not the installed ones
     printed = [line.split(" ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
                if line.startswith("checkout-marker ")]
-    assert printed and all(Path(p).resolve() == (clone / "statistical_auditing" / "experiment_stats.py").resolve()
+    assert printed and all(Path(p).resolve() == (clone / "statistical_auditing" / "from_scratch" / "experiment_stats.py").resolve()
                            for p in printed), printed
     latest = starts(out, "lipschitz/w2v-jl0")[-1]
     assert latest["commit"] == git_head(clone) and latest["local_changes"] is True
