@@ -640,21 +640,30 @@ def runs_section(c: Combined) -> list[str]:
     return lines
 
 
+def per_scale_tables(c: Combined, header: str, table) -> list[str]:
+    """One table per guidance scale and audit method: a heading, ``header`` and its rule, then the
+    lines ``table(guidance, method)`` gives, and a blank line."""
+    rule = "|" + "---|" * (header.count("|") - 1)
+    lines = []
+    for guidance in c.guidances:
+        for method in c.methods:
+            lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "", header, rule,
+                      *table(guidance, method), ""]
+    return lines
+
+
 def seen_section(c: Combined) -> list[str]:
     """1. The seen words: per guidance and method, each arm's mean over runs; seed agreement."""
     lines = ["", "## 1. Seen words (trained on gender-balanced images)", "",
              "Female share pooled over each run's sampling seeds (Wilson 95% CI), the spread between seeds (sd, "
              "and the chi-square p that the seeds agree), and per arm the mean over runs with a two-stage "
              "bootstrap interval.", ""]
-    for guidance in c.guidances:
-        for method in c.methods:
-            lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "",
-                      "| arm | word | mean over runs [95% CI] | per run | runs |", "|---|---|---|---|---|"]
-            for r in c.seen_arms:
-                if r["guidance"] == guidance and r["method"] == method:
-                    lines.append(f"| {r['arm']} | {r['word']} | {fmt(r['share'])} {fmt_ci((r['ci_low'], r['ci_high']))} | "
-                                 f"{r['per_run']} | {r['n_runs']} |")
-            lines.append("")
+    def table(guidance: float, method: str) -> list[str]:
+        return [f"| {r['arm']} | {r['word']} | {fmt(r['share'])} {fmt_ci((r['ci_low'], r['ci_high']))} | "
+                f"{r['per_run']} | {r['n_runs']} |" for r in c.seen_arms
+                if r["guidance"] == guidance and r["method"] == method]
+
+    lines += per_scale_tables(c, "| arm | word | mean over runs [95% CI] | per run | runs |", table)
     lines += ["Per run (pooled over seeds): seen.csv. Seed agreement: "
               + (f"the smallest chi-square p over all runs, words, scales and methods is "
                  f"{fmt(c.min_homogeneity_p, '.3g')} over {c.n_homogeneity} tests." if c.n_homogeneity
@@ -667,21 +676,18 @@ def unseen_section(c: Combined) -> list[str]:
     lines = ["## 2. Unseen words: does the embedding's bias reach the images?", "",
              "Slope of the female share on the word's cosine gap cos(w, woman) - cos(w, man), pooled per arm over "
              "its runs (95% intervals over runs and words); undefined where the gap has no spread.", ""]
-    for guidance in c.guidances:
-        for method in c.methods:
-            lines += [f"### {METHOD_NAMES.get(method, method)}, guidance {guidance:g}", "",
-                      "| arm | x | slope [95% CI] | R^2 [95% CI] | runs x words |", "|---|---|---|---|---|"]
-            for r in c.fit_rows:
-                if r["level"] == "arm" and r["guidance"] == guidance and r["method"] == method:
-                    slope = (f"{fmt(r['slope'])} {fmt_ci((r['slope_ci_low'], r['slope_ci_high']))}" if r["defined"]
-                             else f"undefined: {r['reason']}")
-                    r2 = f"{fmt(r['r2'])} {fmt_ci((r['r2_ci_low'], r['r2_ci_high']))}" if r["defined"] else "-"
-                    lines.append(f"| {r['arm']} | {X_VARIANTS[r['x']].pooled} | {slope} | {r2} | {r['n_points']} |")
-            plot = c.plots.get(("regression", guidance, method))
-            if plot:
-                lines += ["", f"![regression g{guidance:g} {method}]({plot})"]
-            lines.append("")
-    return lines
+    def table(guidance: float, method: str) -> list[str]:
+        rows = []
+        for r in c.fit_rows:
+            if r["level"] == "arm" and r["guidance"] == guidance and r["method"] == method:
+                slope = (f"{fmt(r['slope'])} {fmt_ci((r['slope_ci_low'], r['slope_ci_high']))}" if r["defined"]
+                         else f"undefined: {r['reason']}")
+                r2 = f"{fmt(r['r2'])} {fmt_ci((r['r2_ci_low'], r['r2_ci_high']))}" if r["defined"] else "-"
+                rows.append(f"| {r['arm']} | {X_VARIANTS[r['x']].pooled} | {slope} | {r2} | {r['n_points']} |")
+        plot = c.plots.get(("regression", guidance, method))
+        return rows + (["", f"![regression g{guidance:g} {method}]({plot})"] if plot else [])
+
+    return lines + per_scale_tables(c, "| arm | x | slope [95% CI] | R^2 [95% CI] | runs x words |", table)
 
 
 def contrast_section(c: Combined) -> list[str]:

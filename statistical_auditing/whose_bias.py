@@ -26,6 +26,7 @@ from bias_begets_bias.pipeline import read_run_config, training_recipe
 from bias_begets_bias.utils import (atomic_write_text, claim_analysis_folder, compact_csv_text, load_json,
                                     read_csv_table, record_path)
 from bias_begets_bias.word_vectors import ARM_DEBIAS
+from statistical_auditing.core.stats import ols
 from statistical_auditing.from_scratch import variance_components as vc
 
 # ----------------------------------------------------------------------------- config
@@ -167,10 +168,8 @@ def per_run_fits(arm: Arm) -> list[dict]:
     rows = []
     for j, row in enumerate(arm.runs):
         for t, run in enumerate(row):
-            x, y = arm.jl_gap[:, j, t], arm.shares[:, j, t]
-            xc, yc = x - x.mean(), y - y.mean()
-            slope = float((xc * yc).sum() / (xc * xc).sum())
-            r2 = float((xc * yc).sum() ** 2 / ((xc * xc).sum() * (yc * yc).sum()))
+            y = arm.shares[:, j, t]
+            slope, _, r2 = ols(arm.jl_gap[:, j, t], y)
             rows.append({"arm": arm.name, "run": run.name, "jl_seed": run.jl_seed, "train_seed": run.train_seed,
                          "slope_after_jl": slope, "r2_after_jl": r2, "mean_share": float(y.mean())})
     return rows

@@ -35,22 +35,11 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
 
 
 def fairface_csv_folder(tmp_path_factory, n: int = 4) -> Path:
-    """The original FairFace layout: fairface_label_train.csv (file,age,gender,race,service_test)
-    beside train/<i>.jpg; genders alternate Male, Female; images 20x24 (not square)."""
-    import numpy as np
-    from PIL import Image
+    """The original FairFace layout (tiny_models.save_tiny_fairface_csv), made once per test session."""
+    from tiny_models import save_tiny_fairface_csv
 
-    folder = tmp_path_factory.getbasetemp() / "audit_fairface"
-    csv_path = folder / "fairface_label_train.csv"
-    if not csv_path.is_file():
-        (folder / "train").mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        lines = ["file,age,gender,race,service_test"]
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "train" / f"{i}.jpg")
-            lines.append(f"train/{i}.jpg,20-29,{'Male' if i % 2 == 0 else 'Female'},White,True")
-        csv_path.write_text("\n".join(lines) + "\n")
-    return csv_path
+    csv_path = tmp_path_factory.getbasetemp() / "audit_fairface" / "fairface_label_train.csv"
+    return csv_path if csv_path.is_file() else save_tiny_fairface_csv(csv_path.parent, n)
 
 
 @pytest.fixture(scope="session")

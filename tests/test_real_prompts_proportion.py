@@ -8,13 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import save_tiny_clip_model, save_tiny_sd_pipeline  # noqa: E402
+from tiny_models import save_tiny_clip_model, save_tiny_sd_pipeline, save_tiny_stable_bias  # noqa: E402
 
 from bias_begets_bias.cli import InputError  # noqa: E402
 from statistical_auditing import real_prompts_proportion as rpp  # noqa: E402
@@ -61,32 +59,13 @@ def test_resolve_generator():
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    """Tiny SD + tiny CLIP + a professions dataset saved with save_to_disk.
-
-    gen-a made 4 nurses, 3 doctors, 2 teachers (fewer than N = 3), 3 engineers, no
-    philosopher; gen-b made more of each, which the generator filter must drop.
-    """
-    datasets = pytest.importorskip("datasets")
+    """Tiny SD + tiny CLIP + a professions dataset saved with save_to_disk
+    (tiny_models.STABLE_BIAS_MADE says what each generator made)."""
+    pytest.importorskip("datasets")
     root = tmp_path_factory.mktemp("stable_bias")
     save_tiny_sd_pipeline(root / "sd")
     save_tiny_clip_model(root / "clip")
-    rng = np.random.default_rng(0)
-    made = {"gen-a": {"nurse": 4, "doctor": 3, "teacher": 2, "engineer": 3},
-            "gen-b": {"nurse": 2, "teacher": 5, "philosopher": 4}}
-    rows = {"profession": [], "model": [], "no": [], "seed": [], "image": []}
-    for generator, counts in made.items():
-        for profession, count in counts.items():
-            for number in range(count):
-                rows["profession"].append(profession)
-                rows["model"].append(generator)
-                rows["no"].append(number)
-                rows["seed"].append(int(rng.integers(1 << 30)))
-                rows["image"].append(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
-    features = datasets.Features({"profession": datasets.Value("string"), "model": datasets.Value("string"),
-                                  "no": datasets.Value("int32"), "seed": datasets.Value("int32"),
-                                  "image": datasets.Image()})
-    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(root / "professions"))
-    (root / "professions.txt").write_text("nurse\ndoctor\nteacher\nengineer\nphilosopher\n")
+    save_tiny_stable_bias(root)
     return root
 
 

@@ -133,3 +133,54 @@ def save_tiny_clip_model(path: str | Path, image_size: int = 32, seed: int = 0) 
     model.save_pretrained(str(path))
     processor.save_pretrained(str(path))
     return path
+
+
+def save_tiny_fairface_csv(folder: str | Path, n: int = 4) -> Path:
+    """The original FairFace layout: fairface_label_train.csv (file,age,gender,race,service_test)
+    beside train/<i>.jpg; genders alternate Male, Female; images 20x24 (not square), seeded."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    csv_path = folder / "fairface_label_train.csv"
+    (folder / "train").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = ["file,age,gender,race,service_test"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "train" / f"{i}.jpg")
+        lines.append(f"train/{i}.jpg,20-29,{'Male' if i % 2 == 0 else 'Female'},White,True")
+    csv_path.write_text("\n".join(lines) + "\n")
+    return csv_path
+
+
+# How many images each generator made per profession in the StableBias-layout fixture: gen-a made 4
+# nurses, 3 doctors, 2 teachers (fewer than a smoke N = 3), 3 engineers, no philosopher; gen-b made
+# more of each, which a --generator gen-a filter must drop.
+STABLE_BIAS_MADE = {"gen-a": {"nurse": 4, "doctor": 3, "teacher": 2, "engineer": 3},
+                    "gen-b": {"nurse": 2, "teacher": 5, "philosopher": 4}}
+
+
+def save_tiny_stable_bias(root: str | Path) -> Path:
+    """A professions dataset in the StableBias layout (profession, model, no, seed, image), saved
+    with ``save_to_disk`` to <root>/professions, and <root>/professions.txt; seeded 16 px images."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    rows = {"profession": [], "model": [], "no": [], "seed": [], "image": []}
+    for generator, counts in STABLE_BIAS_MADE.items():
+        for profession, count in counts.items():
+            for number in range(count):
+                rows["profession"].append(profession)
+                rows["model"].append(generator)
+                rows["no"].append(number)
+                rows["seed"].append(int(rng.integers(1 << 30)))
+                rows["image"].append(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    features = datasets.Features({"profession": datasets.Value("string"), "model": datasets.Value("string"),
+                                  "no": datasets.Value("int32"), "seed": datasets.Value("int32"),
+                                  "image": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(root / "professions"))
+    (root / "professions.txt").write_text("nurse\ndoctor\nteacher\nengineer\nphilosopher\n")
+    return root / "professions"

@@ -54,32 +54,17 @@ def sh(command: list[str], cwd: Path) -> None:
 
 
 def make_fixtures() -> dict[str, Path]:
-    """Tiny SD + CLIP, a FairFace-layout CSV and a StableBias-layout dataset, as tests/ builds them."""
+    """Tiny SD + CLIP, a FairFace-layout CSV and a StableBias-layout dataset, built by the tests'
+    builders (tests/tiny_models.py) of this tool's own checkout: the inputs are the same whichever
+    checkout is under test."""
     code = f"""
-import sys, numpy as np
-sys.path.insert(0, {str(CODE / 'tests')!r})
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent / 'tests')!r})
 from pathlib import Path
-from PIL import Image
-from tiny_models import save_tiny_sd_pipeline, save_tiny_clip_model
+from tiny_models import save_tiny_clip_model, save_tiny_fairface_csv, save_tiny_sd_pipeline, save_tiny_stable_bias
 root = Path({str(WORK)!r})
 save_tiny_sd_pipeline(root / "sd"); save_tiny_clip_model(root / "clip")
-ff = root / "fairface"; (ff / "train").mkdir(parents=True)
-rng = np.random.default_rng(0); lines = ["file,age,gender,race,service_test"]
-for i in range(4):
-    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(ff / "train" / f"{{i}}.jpg")
-    lines.append(f"train/{{i}}.jpg,20-29,{{'Male' if i % 2 == 0 else 'Female'}},White,True")
-(ff / "fairface_label_train.csv").write_text("\\n".join(lines) + "\\n")
-import datasets
-rows = {{"profession": [], "model": [], "no": [], "seed": [], "image": []}}
-for profession, count in {{"nurse": 4, "doctor": 3, "teacher": 2, "engineer": 3}}.items():
-    for number in range(count):
-        rows["profession"].append(profession); rows["model"].append("gen-a"); rows["no"].append(number)
-        rows["seed"].append(int(rng.integers(1 << 30)))
-        rows["image"].append(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
-features = datasets.Features({{"profession": datasets.Value("string"), "model": datasets.Value("string"),
-    "no": datasets.Value("int32"), "seed": datasets.Value("int32"), "image": datasets.Image()}})
-datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(root / "professions"))
-(root / "professions.txt").write_text("nurse\\ndoctor\\nteacher\\nengineer\\nphilosopher\\n")
+save_tiny_fairface_csv(root / "fairface"); save_tiny_stable_bias(root)
 """
     sh([sys.executable, "-c", code], CODE)
     return {"sd": WORK / "sd", "clip": WORK / "clip", "fairface": WORK / "fairface" / "fairface_label_train.csv"}

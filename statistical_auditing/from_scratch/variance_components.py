@@ -32,6 +32,7 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 from bias_begets_bias.cli import InputError
+from statistical_auditing.core.stats import percentile_interval
 
 VARIANCE_KEYS = ("word", "word_x_jl", "word_x_train", "interaction", "sampling", "residual")
 RESAMPLE_CHOICES = ("words", "pigeonhole")
@@ -93,11 +94,7 @@ def _predictor(x, n_words: int, name: str = "x") -> np.ndarray:
 def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
     """Percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13); NaNs are left out."""
     values = values[np.isfinite(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(values, [tail, 100.0 - tail])
-    return float(low), float(high)
+    return percentile_interval(values, level) if values.size else (math.nan, math.nan)
 
 
 # ----------------------------------------------------------------------------- the ANOVA
