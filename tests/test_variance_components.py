@@ -338,3 +338,55 @@ def test_component_difference_by_hand_and_on_a_simulated_design():
         V.component_difference(y, "word", n_boot=10)
     with pytest.raises(InputError, match="key_a"):
         V.component_difference(y, "sampling", key_b="word", n_boot=10)
+
+
+# ----------------------------------------------------------------------------- words x runs (one training per JL draw)
+
+
+def test_decompose_runs_by_hand():
+    # 3 words x 2 runs; run 2 is run 1 shifted by +0.1 except word c, which moves by a further +0.06.
+    y = np.array([[0.2, 0.3], [0.5, 0.6], [0.8, 0.96]])
+    n = 1_000_000  # sampling variance ~0: the components are the mean squares' own algebra
+    out = V.decompose_runs(y, n)
+    # run means 0.5 and 0.62; z = [[-0.3, -0.32], [0, -0.02], [0.3, 0.34]]; m_w = [-0.31, -0.01, 0.32]
+    # MS_W = 2 (0.0961 + 0.0001 + 0.1024) / 2 = 0.1986; residuals z - m_w = +-0.01, +-0.01, +-0.02
+    # MS_WR = (2 * 0.0001 + 2 * 0.0001 + 2 * 0.0004) / 2 = 0.0006
+    assert out["mean_squares"]["word"] == pytest.approx(0.1986)
+    assert out["mean_squares"]["word_x_run"] == pytest.approx(0.0006)
+    sampling = float(np.mean(y * (1 - y) / (n - 1)))
+    assert out["variance"]["word"] == pytest.approx((0.1986 - 0.0006) / 2)
+    assert out["variance"]["word_x_run"] == pytest.approx(0.0006 - sampling)
+    assert out["correlations"] == [pytest.approx(np.corrcoef(y[:, 0], y[:, 1])[0, 1])]
+
+
+def test_decompose_runs_recovers_a_simulated_design_and_its_interval_covers_it():
+    rng = np.random.default_rng(3)
+    n_words, n_runs, n = 150, 3, 64
+    word = rng.normal(0, 0.12, size=(n_words, 1))  # small enough that the clip below rarely acts
+    p = np.clip(0.5 + word + rng.normal(0, 0.08, size=(n_words, n_runs)) + np.array([0.0, 0.05, -0.03]), 0.02, 0.98)
+    y = rng.binomial(n, p) / n
+    out = V.decompose_runs(y, n, n_boot=400, seed=0)
+    low, high = out["intervals"]["sd_word"]
+    assert low <= 0.12 <= high and abs(out["sd"]["word"] - 0.12) < 0.03
+    low, high = out["intervals"]["sd_word_x_run"]
+    assert low <= 0.08 <= high and abs(out["sd"]["word_x_run"] - 0.08) < 0.03
+    assert out["sd"]["sampling"] == pytest.approx(0.06, abs=0.01)
+
+
+def test_decompose_runs_without_a_word_effect_gives_a_share_near_zero():
+    rng = np.random.default_rng(4)
+    p = np.clip(0.5 + rng.normal(0, 0.12, size=(150, 3)), 0.02, 0.98)
+    out = V.decompose_runs(rng.binomial(64, p) / 64, 64, n_boot=300, seed=1)
+    assert out["intervals"]["sd_word"][0] < 0.03 and out["word_share"] < 0.2
+
+
+@pytest.mark.parametrize("shares, message", [
+    (np.full((2, 3), 0.5), "at least 3 words and 2 runs"),
+    (np.full((4, 1), 0.5), "at least 3 words and 2 runs"),
+    (np.full((4, 2, 2), 0.5), "2-D array"),
+    (np.array([[0.1, np.nan], [0.2, 0.3], [0.4, 0.5]]), "not finite"),
+    (np.array([[0.1, 1.2], [0.2, 0.3], [0.4, 0.5]]), "in \\[0, 1\\]"),
+])
+def test_decompose_runs_rejects_bad_input(shares, message):
+    with pytest.raises(InputError, match=message):
+        V.decompose_runs(shares, 64)

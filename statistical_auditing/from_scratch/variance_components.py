@@ -52,6 +52,10 @@ def _shares_array(shares, name: str = "shares", min_words: int = 2) -> np.ndarra
     if n_words < min_words or n_jl < 2 or n_train < 2:
         raise InputError(f"{name}: expected at least {min_words} words, 2 JL draws and 2 training draws, "
                          f"got shape {y.shape}")
+    return _checked_values(y, name)
+
+
+def _checked_values(y: np.ndarray, name: str) -> np.ndarray:
     bad = int((~np.isfinite(y)).sum())
     if bad:
         raise InputError(f"{name}: {bad} cells are missing or not finite; expected a complete array "
@@ -243,6 +247,68 @@ def decompose(shares, n, n_boot: int = 0, seed: int = 0, level: float = 0.95, re
         intervals.update({f"sd_{key}": tuple(math.sqrt(max(bound, 0.0)) for bound in intervals[key])
                           for key in VARIANCE_KEYS})
         result.update(intervals=intervals, n_boot=int(n_boot), seed=seed, level=level, resample=resample)
+    return result
+
+
+def decompose_runs(shares, n, n_boot: int = 0, seed: int = 0, level: float = 0.95) -> dict:
+    """Variance components of one arm's shares y[w, r] (words x runs) when each run has its own
+    JL draw and training draw (one training seed per JL seed, as in results/experiment/): the
+    word's own effect against everything particular to a run.
+
+    Model: y[w,r] = mu + s[r] + a[w] + d[w,r] + e[w,r]; s: the run's overall lean (removed, as
+    in ``decompose``); a: the word's own effect, var s2_word; d: word x run, var s2_word_x_run
+    (word x JL + word x training + their interaction, which this layout cannot tell apart);
+    e: binomial sampling noise. With z = y - mean_w y[., r], m_w = mean_r z[w, .] and R runs,
+    the two-way layout with one observation per cell (Searle, Casella & McCulloch 1992, ch. 4)
+    gives
+
+        MS_W  = R sum_w m_w^2 / (W - 1),                     E[MS_W]  = s2_e + s2_word_x_run + R s2_word
+        MS_WR = sum_wr (z - m_w)^2 / ((W - 1)(R - 1)),       E[MS_WR] = s2_e + s2_word_x_run
+
+    so s2_word = (MS_W - MS_WR) / R and s2_word_x_run = MS_WR - s2_sampling, with s2_sampling
+    the mean of ``sampling_variance`` (balanced layout, as in ``decompose``). ``word_share`` =
+    s2_word+ / (s2_word+ + s2_word_x_run+). With n_boot > 0, percentile intervals over
+    resamples that redraw the words, the same indices in every run (words crossed with runs).
+
+    Returns dict(variance, sd, word_share, mean_squares, n_words, n_runs, correlations (Pearson r
+    of the shares of every pair of runs)[, intervals, n_boot, seed, level]).
+    """
+    y = np.asarray(shares, dtype=np.float64)
+    if y.ndim != 2 or y.shape[0] < 3 or y.shape[1] < 2:
+        raise InputError(f"shares: expected a 2-D array words x runs with at least 3 words and 2 runs, "
+                         f"got shape {y.shape}")
+    _checked_values(y, "shares")
+    _check_bootstrap(n_boot, level, "words")
+    v = sampling_variance(y, n)
+    n_words, n_runs = y.shape
+
+    def components(batch: np.ndarray, sampling: np.ndarray) -> dict[str, np.ndarray]:
+        z = batch - batch.mean(axis=-2, keepdims=True)
+        m_w = z.mean(axis=-1, keepdims=True)
+        ms_w = n_runs * (m_w ** 2).sum(axis=(-2, -1)) / (n_words - 1)
+        ms_wr = ((z - m_w) ** 2).sum(axis=(-2, -1)) / ((n_words - 1) * (n_runs - 1))
+        var = {"word": (ms_w - ms_wr) / n_runs, "word_x_run": ms_wr - sampling, "sampling": sampling,
+               "ms_word": ms_w, "ms_word_x_run": ms_wr}
+        parts = np.maximum(var["word"], 0.0), np.maximum(var["word_x_run"], 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var["word_share"] = np.where(parts[0] + parts[1] > 0, parts[0] / (parts[0] + parts[1]), np.nan)
+        return var
+
+    keys = ("word", "word_x_run", "sampling")
+    comp = components(y, v.mean())
+    variance = {key: float(comp[key]) for key in keys}
+    result = {"variance": variance, "sd": {key: math.sqrt(max(value, 0.0)) for key, value in variance.items()},
+              "word_share": float(comp["word_share"]),
+              "mean_squares": {"word": float(comp["ms_word"]), "word_x_run": float(comp["ms_word_x_run"])},
+              "n_words": n_words, "n_runs": n_runs,
+              "correlations": [float(np.corrcoef(y[:, a], y[:, b])[0, 1])
+                               for a in range(n_runs) for b in range(a + 1, n_runs)]}
+    if n_boot:
+        words = _draw_words(n_words, int(n_boot), np.random.default_rng(seed))
+        boot = components(y[words], v[words].mean(axis=(-2, -1)))
+        intervals = {key: _percentile_interval(boot[key], level) for key in keys + ("word_share",)}
+        intervals.update({f"sd_{key}": tuple(math.sqrt(max(bound, 0.0)) for bound in intervals[key]) for key in keys})
+        result.update(intervals=intervals, n_boot=int(n_boot), seed=seed, level=level)
     return result
 
 
