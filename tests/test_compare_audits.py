@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("compare_audits", REPO / "tools" / "compare_audits.py")
@@ -42,3 +43,32 @@ def test_a_folder_without_an_audit_is_named(tmp_path):
     (tmp_path / "proportions.csv").write_text("word,share\nnurse,0.5\n")
     with pytest.raises(SystemExit, match="lacks the columns guidance, method, k, n, successes, n_undetermined"):
         compare_audits.main([str(tmp_path), str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- tools/reaudit.py
+
+
+def test_reaudit_repeats_a_kept_runs_audit_and_redraws_words(audited_smoke_run, small_dataset, tmp_path):
+    from statistical_auditing.keep_run import keep_run
+
+    kept = keep_run(audited_smoke_run, tmp_path / "kept", None, weights=True)
+    assert (kept / "ema.safetensors").is_file() and not (kept / "checkpoints").exists()
+    out = tmp_path / "reaudit"
+    result = run_script("tools/reaudit.py", "--run", str(kept), "--out", str(out), "--data", str(small_dataset.parent),
+                        "--num_threads", "1")
+    assert "0 differences in rows or counts" in result.stdout
+    assert (out / "proportions.csv").is_file()
+    drawn = tmp_path / "redraw"
+    run_script("tools/reaudit.py", "--run", str(kept), "--out", str(drawn), "--data", str(small_dataset.parent),
+               "--words", "surgeon", "--num_threads", "1")
+    words = {row.split(",")[0] for row in (drawn / "proportions.csv").read_text().splitlines()[1:]}
+    assert "surgeon" in words and not words & {"coach", "janitor"}
+
+
+def test_reaudit_refuses_a_run_without_weights(audited_smoke_run, tmp_path):
+    from statistical_auditing.keep_run import keep_run
+
+    kept = keep_run(audited_smoke_run, tmp_path / "kept", None, weights=False)
+    result = run_script("tools/reaudit.py", "--run", str(kept), "--out", str(tmp_path / "x"), check=False)
+    assert result.returncode != 0 and "keeps no weights (no ema.safetensors)" in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -44,7 +44,11 @@ def compare(a: dict, b: dict) -> tuple[list[str], float, int]:
         for column in EXACT:
             if a[key][column] != b[key][column]:
                 lines.append(f"{' / '.join(key)}: {column} {a[key][column]!r} vs {b[key][column]!r}")
-        largest = max(largest, abs(float(a[key]["share"]) - float(b[key]["share"])))
+        share_a, share_b = a[key]["share"], b[key]["share"]
+        if share_a and share_b:
+            largest = max(largest, abs(float(share_a) - float(share_b)))
+        elif share_a != share_b:  # a share is empty where no image was called
+            lines.append(f"{' / '.join(key)}: share {share_a!r} vs {share_b!r}")
     return lines, largest, len(common)
 
 
