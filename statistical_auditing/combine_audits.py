@@ -12,19 +12,37 @@ A run that fails its controls (ScoreDecomp accuracy at the chosen k not above ch
 the fidelity bar at the audit's sampler) is shown with the reason and LEFT OUT of every
 pooled estimate.
 
+The design the intervals follow: every run audits the same unseen words and (with the audit's
+default, one --seed for all runs) draws each seen word from the same sampling seeds, so words
+and seeds are CROSSED with runs, and runs are nested in arms. Every interval over runs is a
+crossed (pigeonhole) bootstrap (Owen 2007, Ann. Appl. Stat. 1(2); McCullagh 2000, Bernoulli
+6(2)): each resample draws the runs with replacement and ONE draw of words (or seeds) used in
+every drawn run; the word draws are the same in every arm and every fit (from --seed), the run
+draws independent per arm (different models), so arm contrasts are paired over words.
+
 1. Seen words (balanced training data): each run's female share pooled over its sampling
    seeds (binomial; Wilson interval), the seed-to-seed spread and a chi-square test that
-   the seeds agree; per arm the mean over runs with a two-stage bootstrap interval (runs,
-   then images).
+   the seeds agree; per arm the mean over runs with an interval from a crossed resample of
+   runs x sampling seeds (each run's seeds.csv counts as observed; the seed draws shared by
+   every drawn run) when the runs' audits recorded one seed, and from a nested one (runs,
+   then each run's seeds) when their audit seeds differ (experiment.py --audit_noise per_run)
+   (experiment_stats.pooled_over_runs_and_seeds).
 2. Unseen words: the female share regressed on three measures of a word's embedding bias:
    cos(w, woman) - cos(w, man) in the original word2vec (the same x for every arm),
    in the arm's own space before the projection, and after the projection (what the model
-   sees). Per run, and pooled per arm with a two-stage bootstrap over runs and words
-   (experiment_stats.hierarchical_regression); a regression whose x has no spread (a
-   debiased gap) is reported as undefined. Each arm's slope minus the w2v slope, with
-   intervals. Held-out prediction: the line fitted on half the words (alternate ranks of the
-   original gap) predicts the other half. How far apart the words' shares are: their sd and
-   the part beyond binomial noise (experiment_stats.between_word_sd), per run and arm.
+   sees). Per run, and pooled per arm with the crossed bootstrap over runs and words
+   (experiment_stats.hierarchical_regression); the runs' rows are aligned by word name, and
+   a run lacking a word another run has is refused. A regression whose x has no spread (a
+   debiased gap) is reported as undefined. Each arm's slope minus the w2v slope, paired over
+   the shared word draws (contrasts.csv), and R^2 differences, paired likewise
+   (r2_contrasts.csv: within an arm, R^2 on the after-JL gap minus R^2 on word2vec's gap;
+   and each arm's R^2 minus the reference arm's on the same x). Held-out prediction:
+   repeated random 2-fold cross-validation of the arm's line (--cv_repeats splits of its
+   words, each word's points in every run held out together; experiment_stats.held_out_prediction),
+   with the range over splits only. How far apart the words' shares are: their sd and the part
+   beyond binomial noise (experiment_stats.between_word_sd), per run and arm; and whose that
+   spread is: the word's own part against each run's own (components.csv;
+   variance_components.decompose_runs, words x runs, word-redraw intervals).
 3. What a random projection does to a word's gap without any training: the distribution of
    (after-JL gap - before-JL gap) over all usable professions, per JL seed and for projection
    sizes --jl_dims, for the original and the hard-debiased embedding.
@@ -40,8 +58,8 @@ run recorded on its own machine is never opened. --out must be a new or empty fo
 earlier output of this script (marked by .owner.json), and never inside a run folder.
 
 Outputs in --out: report.md, runs.csv, seen.csv, seen_arms.csv, regressions.csv,
-contrasts.csv, held_out.csv, unseen.csv, spread.csv, jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv,
-dose_points.csv, lipschitz.csv, and PNGs.
+contrasts.csv, r2_contrasts.csv (R^2 differences), held_out.csv, unseen.csv, spread.csv,
+components.csv, jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv, dose_points.csv, lipschitz.csv, and PNGs.
 """
 from __future__ import annotations
 
@@ -50,6 +68,7 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -62,6 +81,7 @@ from bias_begets_bias.utils import (atomic_write_text, compact_csv_text, load_js
                                           read_csv_table, read_text_file, require_writable, writable_folder)
 from statistical_auditing.from_scratch import experiment_stats as E
 from statistical_auditing.from_scratch.sampling import METHOD_NAMES, X_VARIANTS
+from statistical_auditing.from_scratch.variance_components import decompose_runs
 
 REPO = Path(__file__).resolve().parent.parent
 OWNER_FILE = ".owner.json"  # marks --out as this script's output, so a rerun may replace it
@@ -73,10 +93,11 @@ OWN_TITLE = "# Combined audit of the experiment"
 # ----------------------------------------------------------------------------- config
 RUNS = ""  # comma-separated run folders (each audited) or their audit folders
 OUT = "runs/combined_audit"  # output folder
-N_BOOT = 2000  # [10, inf) bootstrap resamples (two-stage: runs, then words or images)
+N_BOOT = 2000  # [10, inf) bootstrap resamples (crossed: runs x words, runs x sampling seeds)
 SEED = 0  # [0, 2**63) bootstrap seed
 JL_DIMS = "64,128,256"  # list of ints in [1, inf): projection sizes for the projection-only gap shifts
 JL_SHIFT_SEEDS = "0,1,2"  # list of ints in [0, 2**32): JL seeds for the projection-only gap shifts
+CV_REPEATS = 200  # [1, inf) random 2-fold splits of the held-out prediction
 REFERENCE_ARM = "w2v"  # arm the others are contrasted with
 INCLUDE_FAILED = False  # pool runs that fail their controls too (a sensitivity analysis, or a smoke check)
 
@@ -295,8 +316,26 @@ def fmt_ci(pair: Sequence[float], spec: str = ".2f") -> str:
 
 
 # ----------------------------------------------------------------------------- the combinations
+def arm_seed(seed: int, arm: str) -> list[int]:
+    """The seed of an arm's run draws, [--seed, CRC-32 of the arm's name]: each arm draws its runs
+    independently (they are different models), while every fit shares the word draws of --seed."""
+    return [int(seed), zlib.crc32(arm.encode())]
+
+
+def sampling_seeds_shared(members: list[dict]) -> tuple[bool, str]:
+    """Whether the runs' seen-word samples share their sampling seeds: every audit draws seed k of a
+    word from its --seed (audit.json config "seed"), so equal recorded seeds mean seed k is the same
+    noise in every run (crossed); different ones (experiment.py --audit_noise per_run) mean not."""
+    seeds = [run["summary"]["config"].get("seed") for run in members]
+    if len({json.dumps(s) for s in seeds}) == 1:
+        return True, ("every run's audit seed is " + (str(seeds[0]) if seeds[0] is not None
+                                                      else "unrecorded (taken as the same)"))
+    return False, "the runs' audit seeds differ (" + ", ".join(map(str, dict.fromkeys(seeds))) + ")"
+
+
 def seen_tables(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
-    """Per run (pooled over its seeds) and per arm (over its included runs) shares of the seen words."""
+    """Per run (pooled over its seeds) and per arm (over its included runs, resampling runs x
+    sampling seeds) shares of the seen words."""
     per_run = []
     for run in runs:
         keys = dict.fromkeys((r["word"], r["guidance"], r["method"]) for r in run["seeds"])
@@ -307,35 +346,96 @@ def seen_tables(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list
             per_run.append({"run": run["name"], "arm": run["arm"], "jl_seed": run["jl_seed"], "word": word,
                             "guidance": guidance, "method": method, "included": run in included, **pooled})
     per_arm = []
-    arms = list(dict.fromkeys(r["arm"] for r in included))
-    for arm in arms:
+    for arm in dict.fromkeys(r["arm"] for r in included):
+        members = [run for run in included if run["arm"] == arm]
+        shared, why = sampling_seeds_shared(members)
         rows = [r for r in per_run if r["arm"] == arm and r["included"]]
-        for word, guidance, method in dict.fromkeys((r["word"], r["guidance"], r["method"]) for r in rows):
-            chosen = [r for r in rows if (r["word"], r["guidance"], r["method"]) == (word, guidance, method)]
-            pooled = E.pooled_over_runs([(r["successes"], r["n"]) for r in chosen], cfg["n_boot"], cfg["seed"])
-            per_arm.append({"arm": arm, "word": word, "guidance": guidance, "method": method,
-                            "n_images": sum(r["n"] for r in chosen), **pooled,
+        for key in dict.fromkeys((r["word"], r["guidance"], r["method"]) for r in rows):
+            chosen = [r for r in rows if (r["word"], r["guidance"], r["method"]) == key]
+            tables = {run["name"]: {r["seed_index"]: r for r in run["seeds"]
+                                    if (r["word"], r["guidance"], r["method"]) == key} for run in members}
+            tables = {name: table for name, table in tables.items() if table}
+            if shared:  # seed k must be seed k in every run
+                try:
+                    cells = E.align_rows(tables, "sampling seed")[1]
+                except InputError as error:
+                    raise InputError(f"seen word {key[0]!r} at guidance {key[1]:g}, {key[2]} ({why}): "
+                                     f"{error}") from None
+            else:
+                cells = [list(table.values()) for table in tables.values()]
+            pooled = E.pooled_over_runs_and_seeds([[c["successes"] for c in run] for run in cells],
+                                                  [[c["n"] for c in run] for run in cells], shared,
+                                                  cfg["n_boot"], arm_seed(cfg["seed"], arm))
+            per_arm.append({"arm": arm, "word": key[0], "guidance": key[1], "method": key[2],
+                            "n_images": sum(r["n"] for r in chosen), **pooled, "seed_design": why,
                             "per_run": "; ".join(f"jl{r['jl_seed']}: {fmt(r['share'])}" for r in chosen)})
     return per_run, per_arm
 
 
-def regressions(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list[dict], dict]:
-    """Per-run and per-arm fits of female share on each x variant; returns rows and the arm fits."""
+def unseen_rows(run: dict, guidance: float, method: str) -> dict[str, dict]:
+    """A run's usable unseen-word rows at one scale and method (n > 0), by word."""
+    return {r["word"]: r for r in run["shares"]
+            if not r["seen"] and r["guidance"] == guidance and r["method"] == method and r["n"] > 0}
+
+
+def aligned_unseen(included: list[dict]) -> dict:
+    """(guidance, method) -> (words, {run name: its unseen rows in the order of words}), aligned
+    over every included run of every arm at once, so that word index j is one word in every run
+    and arm (what the crossed, paired resamples index). A run lacking a word is refused."""
+    combos = dict.fromkeys((r["guidance"], r["method"]) for run in included for r in run["shares"] if not r["seen"])
+    aligned = {}
+    for guidance, method in combos:
+        try:
+            words, rows = E.align_rows({run["name"]: unseen_rows(run, guidance, method) for run in included},
+                                       "unseen word")
+        except InputError as error:
+            raise InputError(f"unseen words at guidance {guidance:g}, {method}: {error}") from None
+        aligned[(guidance, method)] = (words, dict(zip((run["name"] for run in included), rows)))
+    return aligned
+
+
+def xy_groups(named_rows: dict[str, list[dict]], x_key: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per run the (x, y) arrays of its aligned rows; None when no run recorded this x (an older
+    audit). A word whose x one run lacks would break the alignment: refused."""
+    groups = [(np.array([r[x_key] for r in rows], dtype=np.float64), np.array([r["share"] for r in rows]))
+              for rows in named_rows.values()]
+    if all(np.isnan(x).all() for x, _ in groups):
+        return None
+    for (name, rows), (x, _) in zip(named_rows.items(), groups):
+        missing = [r["word"] for r, value in zip(rows, x) if not math.isfinite(value)]
+        require(not missing, f"{name}: no {x_key} for {', '.join(missing[:3])}, which the other words (and runs) "
+                             f"have; rerun its audit")
+    return groups
+
+
+def fit_of(named_rows: dict[str, list[dict]], x_key: str, cfg: dict, seed, words) -> dict:
+    """experiment_stats.hierarchical_regression of the runs' aligned rows on x_key, resampled with
+    ``words`` (the shared word draws) where their length fits."""
+    groups = xy_groups(named_rows, x_key) if any(named_rows.values()) else []
+    if groups is None:
+        return E.undefined_fit(f"no run recorded {x_key}", len(named_rows), 0)
+    n_words = len(next(iter(named_rows.values()), []))
+    return E.hierarchical_regression(groups, cfg["n_boot"], seed,
+                                     words=words if words is not None and words.shape[1] == n_words else None)
+
+
+def regressions(runs: list[dict], included: list[dict], aligned: dict, cfg: dict) -> tuple[list[dict], dict]:
+    """Per-run and per-arm fits of female share on each x variant; returns rows and the arm fits.
+    Every fit of one scale and method resamples the same word draws (from --seed); each arm draws
+    its runs with its own seed, the same for all its x variants."""
     rows, arm_fits = [], {}
     combos = dict.fromkeys((r["guidance"], r["method"]) for run in runs for r in run["shares"] if not r["seen"])
     for guidance, method in combos:
+        words, by_run = aligned.get((guidance, method), ([], {}))
+        draws = E.word_draws(len(words), cfg["n_boot"], cfg["seed"]) if words else None
         for x_key in X_VARIANTS:
-            def points(run):
-                chosen = [r for r in run["shares"] if not r["seen"] and r["guidance"] == guidance
-                          and r["method"] == method and r["n"] > 0 and not math.isnan(r[x_key])]
-                return np.array([r[x_key] for r in chosen]), np.array([r["share"] for r in chosen])
-
             for run in runs:
-                fit = E.hierarchical_regression([points(run)], cfg["n_boot"], cfg["seed"])
+                own = by_run.get(run["name"]) or list(unseen_rows(run, guidance, method).values())
+                fit = fit_of({run["name"]: own}, x_key, cfg, cfg["seed"], draws)
                 rows.append(fit_row("run", run["name"], run["arm"], guidance, method, x_key, fit, run in included))
             for arm in dict.fromkeys(r["arm"] for r in included):
-                members = [run for run in included if run["arm"] == arm]
-                fit = E.hierarchical_regression([points(run) for run in members], cfg["n_boot"], cfg["seed"])
+                members = {run["name"]: by_run[run["name"]] for run in included if run["arm"] == arm}
+                fit = fit_of(members, x_key, cfg, arm_seed(cfg["seed"], arm), draws)
                 arm_fits[(arm, guidance, method, x_key)] = fit
                 rows.append(fit_row("arm", arm, arm, guidance, method, x_key, fit, True))
     return rows, arm_fits
@@ -351,6 +451,7 @@ def fit_row(level: str, name: str, arm: str, guidance: float, method: str, x_key
 
 
 def contrasts(arm_fits: dict, reference: str) -> list[dict]:
+    """Each arm's slope minus the reference arm's on the same x, paired over the shared word draws."""
     rows = []
     for (arm, guidance, method, x_key), fit in arm_fits.items():
         if arm == reference or (reference, guidance, method, x_key) not in arm_fits:
@@ -362,28 +463,54 @@ def contrasts(arm_fits: dict, reference: str) -> list[dict]:
     return rows
 
 
-def unseen_tables(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+R2_WITHIN_ARM = ("cosine_gap_jl", "cosine_gap_w2v")  # R^2 on the after-JL gap minus R^2 on word2vec's gap
+
+
+def r2_contrasts(arm_fits: dict, reference: str) -> list[dict]:
+    """R^2 differences, paired over the shared word draws: within each arm, R^2 on the after-JL
+    gap minus R^2 on word2vec's gap (the same run draws too: one arm, one seed), and each arm's
+    R^2 minus the reference arm's on the same x (runs drawn independently)."""
+    rows = []
+    for (arm, guidance, method, x_key), fit in arm_fits.items():
+        pairs = []
+        if x_key == R2_WITHIN_ARM[0] and (arm, guidance, method, R2_WITHIN_ARM[1]) in arm_fits:
+            pairs.append((arm, R2_WITHIN_ARM[1]))
+        if arm != reference and (reference, guidance, method, x_key) in arm_fits:
+            pairs.append((reference, x_key))
+        for ref_arm, ref_x in pairs:
+            other = arm_fits[(ref_arm, guidance, method, ref_x)]
+            c = E.paired_contrast(fit, other, "r2")
+            rows.append({"arm": arm, "x": x_key, "reference_arm": ref_arm, "reference_x": ref_x,
+                         "guidance": guidance, "method": method, "defined": c["defined"], "r2": fit["r2"],
+                         "reference_r2": other["r2"], "difference": c["difference"], "ci_low": c["ci"][0],
+                         "ci_high": c["ci"][1]})
+    return rows
+
+
+def unseen_tables(runs: list[dict], included: list[dict], aligned: dict, cfg: dict) -> tuple[list[dict], list[dict]]:
     """Every run's unseen-word shares (one row per run, word, scale, method), and per run and arm
-    how far apart the words' shares are: sd and the spread beyond sampling noise (tau)."""
+    how far apart the words' shares are: sd and the spread beyond sampling noise (tau), with
+    crossed resamples of runs and the shared word draws."""
     per_word = [{"run": run["name"], "arm": run["arm"], "jl_seed": run["jl_seed"], "included": run in included,
                  **{key: r[key] for key in ("word", "guidance", "method", "n", "successes", "share", "ci_low",
                                             "ci_high", *X_VARIANTS)}}
                 for run in runs for r in run["shares"] if not r["seen"] and r["n"] > 0]
     spread = []
-    combos = list(dict.fromkeys((r["guidance"], r["method"]) for r in per_word))
 
-    def counts(run_name, guidance, method):
-        rows = [r for r in per_word if (r["run"], r["guidance"], r["method"]) == (run_name, guidance, method)]
+    def counts(rows: list[dict]) -> tuple[list[int], list[int]]:
         return [r["successes"] for r in rows], [r["n"] for r in rows]
 
-    for guidance, method in combos:
+    for guidance, method in dict.fromkeys((r["guidance"], r["method"]) for r in per_word):
+        words, by_run = aligned.get((guidance, method), ([], {}))
+        draws = E.word_draws(len(words), cfg["n_boot"], cfg["seed"]) if len(words) >= 2 else None
         for run in runs:
-            one = E.pooled_between_word_sd([counts(run["name"], guidance, method)], cfg["n_boot"], cfg["seed"])
+            own = by_run.get(run["name"]) or list(unseen_rows(run, guidance, method).values())
+            one = E.pooled_between_word_sd([counts(own)], cfg["n_boot"], cfg["seed"],
+                                           words=draws if draws is not None and len(own) == len(words) else None)
             spread.append(spread_row("run", run["name"], run["arm"], guidance, method, one, run in included))
         for arm in dict.fromkeys(r["arm"] for r in included):
-            members = [run for run in included if run["arm"] == arm]
-            pooled = E.pooled_between_word_sd([counts(run["name"], guidance, method) for run in members],
-                                              cfg["n_boot"], cfg["seed"])
+            members = [counts(by_run[run["name"]]) for run in included if run["arm"] == arm]
+            pooled = E.pooled_between_word_sd(members, cfg["n_boot"], arm_seed(cfg["seed"], arm), words=draws)
             spread.append(spread_row("arm", arm, arm, guidance, method, pooled, True))
     return per_word, spread
 
@@ -396,24 +523,51 @@ def spread_row(level: str, name: str, arm: str, guidance: float, method: str, re
             "max": result["max"]}
 
 
-def held_out(included: list[dict]) -> list[dict]:
-    """Per arm, guidance, method and x: fit on half the unseen words (alternate ranks of their
-    original gap, the same split in every run and arm), predict the other half."""
+def components(included: list[dict], aligned: dict, cfg: dict) -> list[dict]:
+    """Per arm, guidance and method: the word's own part of the unseen shares against each run's
+    own (variance_components.decompose_runs: words x runs, run means removed, binomial noise split
+    off; intervals from the shared word draws of --seed). With one training seed per JL seed, word
+    x run holds word x JL draw, word x training draw and their interaction together."""
+    rows = []
+    for (guidance, method), (words, by_run) in aligned.items():
+        for arm in dict.fromkeys(r["arm"] for r in included):
+            members = [by_run[run["name"]] for run in included if run["arm"] == arm]
+            if len(members) < 2 or len(words) < 3:
+                continue
+            shares = np.array([[r["successes"] / r["n"] for r in rows_] for rows_ in members]).T
+            sizes = np.array([[r["n"] for r in rows_] for rows_ in members], dtype=np.float64).T
+            result = decompose_runs(shares, sizes, n_boot=cfg["n_boot"], seed=cfg["seed"])
+            sd, ci = result["sd"], result["intervals"]
+            rows.append({"arm": arm, "guidance": guidance, "method": method, "n_words": result["n_words"],
+                         "n_runs": result["n_runs"], "word_sd": sd["word"], "word_sd_low": ci["sd_word"][0],
+                         "word_sd_high": ci["sd_word"][1], "word_x_run_sd": sd["word_x_run"],
+                         "word_x_run_sd_low": ci["sd_word_x_run"][0], "word_x_run_sd_high": ci["sd_word_x_run"][1],
+                         "sampling_sd": sd["sampling"], "word_share": result["word_share"],
+                         "word_share_low": ci["word_share"][0], "word_share_high": ci["word_share"][1],
+                         "r_min": min(result["correlations"]), "r_max": max(result["correlations"])})
+    return rows
+
+
+def held_out(included: list[dict], aligned: dict, cfg: dict) -> list[dict]:
+    """Per arm, guidance, method and x: the arm's line on its run x word points, held out by
+    repeated random 2-fold cross-validation over words (experiment_stats.held_out_prediction,
+    --cv_repeats splits drawn from --seed; the range is over the splits only)."""
     rows = []
     for arm in dict.fromkeys(r["arm"] for r in included):
-        members = [run for run in included if run["arm"] == arm]
-        combos = dict.fromkeys((r["guidance"], r["method"]) for run in members for r in run["shares"] if not r["seen"])
-        for guidance, method in combos:
-            points = [r for run in members for r in run["shares"] if not r["seen"] and r["guidance"] == guidance
-                      and r["method"] == method and r["n"] > 0]
-            words = sorted({r["word"] for r in points}, key=lambda w: next(r["cosine_gap_w2v"] for r in points
-                                                                             if r["word"] == w))
-            fold_of = {w: i % 2 for i, w in enumerate(words)}
+        for (guidance, method), (_, by_run) in aligned.items():
+            members = {run["name"]: by_run[run["name"]] for run in included if run["arm"] == arm}
             for x_key in X_VARIANTS:
-                usable = [r for r in points if not math.isnan(r[x_key])]
-                result = E.held_out_prediction([r[x_key] for r in usable], [r["share"] for r in usable],
-                                               [fold_of[r["word"]] for r in usable])
-                rows.append({"arm": arm, "guidance": guidance, "method": method, "x": x_key, **result})
+                groups = xy_groups(members, x_key) or [(np.empty(0), np.empty(0))]
+                x, y = np.concatenate([g[0] for g in groups]), np.concatenate([g[1] for g in groups])
+                words = np.concatenate([np.arange(g[0].size) for g in groups])  # rows are aligned by word
+                result = E.held_out_prediction(x, y, folds=2, repeats=cfg["cv_repeats"], seed=cfg["seed"],
+                                               groups=words)
+                rows.append({"arm": arm, "guidance": guidance, "method": method, "x": x_key,
+                             "defined": result["defined"], "n": result["n"], "folds": result["folds"],
+                             "repeats": result["repeats"], "r2_out": result["r2_out"],
+                             "r2_out_low": result["r2_out_ci"][0], "r2_out_high": result["r2_out_ci"][1],
+                             "rmse": result["rmse"], "rmse_low": result["rmse_ci"][0],
+                             "rmse_high": result["rmse_ci"][1], "mae": result["mae"]})
     return rows
 
 
@@ -604,8 +758,10 @@ class Combined:
     seen_arms: list[dict]  # seen_arms.csv
     fit_rows: list[dict]  # regressions.csv
     contrast_rows: list[dict]  # contrasts.csv
+    r2_rows: list[dict]  # r2_contrasts.csv
     held_rows: list[dict]  # held_out.csv
     spread_rows: list[dict]  # spread.csv
+    component_rows: list[dict]  # components.csv
     shift_summary: list[dict]  # jl_shift_summary.csv
     dose_slopes: list[dict]  # dose_slopes.csv
     lipschitz_rows: list[dict]  # lipschitz.csv
@@ -624,8 +780,7 @@ def runs_section(c: Combined) -> list[str]:
              + (" (**--include_failed: runs that fail their controls are pooled too: a sensitivity analysis or a "
                 "pipeline check; the primary estimates leave them out**)" if c.cfg["include_failed"]
                 else " (those that pass their controls)")
-             + f". Bootstrap: {c.cfg['n_boot']} "
-             f"two-stage resamples (runs, then words or images), seed {c.cfg['seed']}.", "",
+             + f". {method_line(c)}", "",
              "## Runs and their controls", "",
              "| run | arm | JL seed | step | k | ScoreDecomp accuracy at k [95% CI] (AUC) | controls | pooled |",
              "|---|---|---|---|---|---|---|---|"]
@@ -638,6 +793,20 @@ def runs_section(c: Combined) -> list[str]:
         lines.append(f"| {run['name']} | {run['arm']} | {run['jl_seed']} | {s['run_step']} | {s['k']} | {accuracy} | "
                      f"{controls} | {'yes' if run in c.included else '**no**'} |")
     return lines
+
+
+def method_line(c: Combined) -> str:
+    """How the intervals were resampled: the crossed word draws, and per arm the seen words' design."""
+    designs: dict[tuple, list[str]] = {}
+    for r in c.seen_arms:
+        arms = designs.setdefault((r["resample"], r["seed_design"]), [])
+        arms += [] if r["arm"] in arms else [r["arm"]]
+    seen = "; ".join(f"{E.RESAMPLE_TEXT[kind]} in {', '.join(arms)} ({why})"
+                     for (kind, why), arms in designs.items()) or "none pooled"
+    return (f"Bootstrap: {c.cfg['n_boot']} crossed (pigeonhole) resamples, seed {c.cfg['seed']}: the unseen words "
+            f"are crossed with the runs (every run audits the same words), so each resample draws the runs with "
+            f"replacement and ONE draw of words used in every drawn run; the word draws are the same in every arm "
+            f"(arm contrasts are paired over words), the run draws independent per arm. Seen words: {seen}.")
 
 
 def per_scale_tables(c: Combined, header: str, table) -> list[str]:
@@ -656,8 +825,9 @@ def seen_section(c: Combined) -> list[str]:
     """1. The seen words: per guidance and method, each arm's mean over runs; seed agreement."""
     lines = ["", "## 1. Seen words (trained on gender-balanced images)", "",
              "Female share pooled over each run's sampling seeds (Wilson 95% CI), the spread between seeds (sd, "
-             "and the chi-square p that the seeds agree), and per arm the mean over runs with a two-stage "
-             "bootstrap interval.", ""]
+             "and the chi-square p that the seeds agree), and per arm the mean over runs with an interval "
+             "resampling runs x sampling seeds (crossed when the runs share their sampling seeds: see the method "
+             "line above; with few seeds, n_seeds in seen_arms.csv, the seed part is coarse).", ""]
     def table(guidance: float, method: str) -> list[str]:
         return [f"| {r['arm']} | {r['word']} | {fmt(r['share'])} {fmt_ci((r['ci_low'], r['ci_high']))} | "
                 f"{r['per_run']} | {r['n_runs']} |" for r in c.seen_arms
@@ -691,13 +861,25 @@ def unseen_section(c: Combined) -> list[str]:
 
 
 def contrast_section(c: Combined) -> list[str]:
-    """Each arm's slope minus the reference arm's."""
-    lines = [f"### Each arm's slope minus the {c.cfg['reference_arm']} slope", "", "| arm | guidance | method | x | difference [95% CI] |",
-             "|---|---|---|---|---|"]
+    """Each arm's slope minus the reference arm's, and the R^2 differences, paired over words."""
+    lines = [f"### Each arm's slope minus the {c.cfg['reference_arm']} slope", "",
+             "Paired over the words: replicate b of both arms resamples the same words (their runs apart).", "",
+             "| arm | guidance | method | x | difference [95% CI] |", "|---|---|---|---|---|"]
     for r in c.contrast_rows:
         diff = f"{fmt(r['difference'])} {fmt_ci((r['ci_low'], r['ci_high']))}" if r["defined"] else "undefined"
         lines.append(f"| {r['arm']} | {r['guidance']:g} | {METHOD_NAMES.get(r['method'], r['method'])} | "
                      f"{X_VARIANTS[r['x']].pooled} | {diff} |")
+    lines += ["", "### R^2 differences (r2_contrasts.csv)", "",
+              "Within an arm, R^2 on the gap after JL minus R^2 on word2vec's gap (the same run and word draws for "
+              "both), and each arm's R^2 minus the reference arm's on the same gap (paired over words).", "",
+              "| arm, x | minus | guidance | method | R^2 | minus R^2 | difference [95% CI] |",
+              "|---|---|---|---|---|---|---|"]
+    for r in c.r2_rows:
+        diff = f"{fmt(r['difference'])} {fmt_ci((r['ci_low'], r['ci_high']))}" if r["defined"] else "undefined"
+        lines.append(f"| {r['arm']}, {X_VARIANTS[r['x']].pooled} | {r['reference_arm']}, "
+                     f"{X_VARIANTS[r['reference_x']].pooled} | {r['guidance']:g} | "
+                     f"{METHOD_NAMES.get(r['method'], r['method'])} | {fmt(r['r2'])} | {fmt(r['reference_r2'])} | "
+                     f"{diff} |")
     return lines
 
 
@@ -707,7 +889,7 @@ def spread_section(c: Combined) -> list[str]:
              "Standard deviation of the female share across the unseen words (mean over the arm's runs), the "
              "part of it beyond binomial sampling noise (tau = sqrt(var - mean p(1-p)/(n-1)); 0 = the words differ "
              "by noise alone), the noise's own sd, and the lowest and highest share; 95% intervals from a "
-             "two-stage bootstrap over runs and words.", "",
+             "crossed bootstrap over runs and words.", "",
              "| arm | guidance | method | sd of shares [95% CI] | tau, beyond noise [95% CI] | noise sd | "
              "lowest - highest share |", "|---|---|---|---|---|---|---|"]
     for r in c.spread_rows:
@@ -719,14 +901,41 @@ def spread_section(c: Combined) -> list[str]:
     return lines
 
 
+def components_section(c: Combined) -> list[str]:
+    """Whose is the spread: the word's own part against each run's own (components.csv)."""
+    lines = ["", "### Whose is the spread: the word's or the run's?", "",
+             "The unseen shares of an arm split into the word's own effect (the same in every run), word x run "
+             "(what is particular to one run: its JL draw, its training draw and their interaction, which one "
+             "training seed per JL seed cannot tell apart) and binomial sampling noise, as sd "
+             "(variance_components.decompose_runs; run means removed; 95% intervals from redrawing the words, "
+             "the same words in every run). The word share is the word's part of the variance that is not "
+             "sampling noise; r: the correlation of the words' shares between two runs of the arm.", "",
+             "| arm | guidance | method | word sd [95% CI] | word x run sd [95% CI] | sampling sd | word share [95% CI] "
+             "| r between runs |", "|---|---|---|---|---|---|---|---|"]
+    for r in c.component_rows:
+        lines.append(f"| {r['arm']} | {r['guidance']:g} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                     f"{fmt(r['word_sd'], '.3f')} {fmt_ci((r['word_sd_low'], r['word_sd_high']), '.3f')} | "
+                     f"{fmt(r['word_x_run_sd'], '.3f')} "
+                     f"{fmt_ci((r['word_x_run_sd_low'], r['word_x_run_sd_high']), '.3f')} | "
+                     f"{fmt(r['sampling_sd'], '.3f')} | {fmt(r['word_share'])} "
+                     f"{fmt_ci((r['word_share_low'], r['word_share_high']))} | "
+                     f"{fmt(r['r_min'])} to {fmt(r['r_max'])} |")
+    return lines
+
+
 def held_out_section(c: Combined) -> list[str]:
-    """The held-out prediction: fit on half the words, predict the other half."""
-    lines = ["", "### Held-out prediction (fit on half the words, predict the other half)", "",
-             "| arm | guidance | method | x | RMSE | MAE | R^2 out of sample |", "|---|---|---|---|---|---|---|"]
+    """The held-out prediction: repeated random 2-fold cross-validation of the arm's line."""
+    lines = ["", "### Held-out prediction (fit on a random half of the words, predict the other half)", "",
+             f"Mean over {c.cfg['cv_repeats']} random 2-fold splits of the arm's words (a word's points in every "
+             "run held out together); the ranges in brackets are over the splits only (how much the answer depends on the split), not confidence "
+             "intervals over words, runs or JL draws (variance_components.repeated_cv_r2).", "",
+             "| arm | guidance | method | x | RMSE [range] | MAE | R^2 out of sample [range] |",
+             "|---|---|---|---|---|---|---|"]
     for h in c.held_rows:
         lines.append(f"| {h['arm']} | {h['guidance']:g} | {METHOD_NAMES.get(h['method'], h['method'])} | "
-                     f"{X_VARIANTS[h['x']].pooled} | {fmt(h['rmse'], '.3f')} | {fmt(h['mae'], '.3f')} | "
-                     f"{fmt(h['r2_out'], '.2f')} |")
+                     f"{X_VARIANTS[h['x']].pooled} | {fmt(h['rmse'], '.3f')} "
+                     f"{fmt_ci((h['rmse_low'], h['rmse_high']), '.3f')} | {fmt(h['mae'], '.3f')} | "
+                     f"{fmt(h['r2_out'], '.2f')} {fmt_ci((h['r2_out_low'], h['r2_out_high']))} |")
     return lines
 
 
@@ -773,14 +982,16 @@ def dose_lipschitz_section(c: Combined) -> list[str]:
     return lines
 
 
-FILES_LINES = ["", "Files: runs.csv, seen.csv, seen_arms.csv, regressions.csv, contrasts.csv, held_out.csv, unseen.csv, "
-               "spread.csv, "
+FILES_LINES = ["", "Files: runs.csv, seen.csv, seen_arms.csv, regressions.csv, contrasts.csv, r2_contrasts.csv, "
+               "held_out.csv, unseen.csv, "
+               "spread.csv, components.csv, "
                "jl_shifts.csv, jl_shift_summary.csv, dose_slopes.csv, dose_points.csv, lipschitz.csv, PNGs.", ""]
 
 
 def report_text(combined: Combined) -> str:
     """report.md, section by section."""
-    sections = (runs_section, seen_section, unseen_section, contrast_section, spread_section, held_out_section,
+    sections = (runs_section, seen_section, unseen_section, contrast_section, spread_section, components_section,
+                held_out_section,
                 projection_section, dose_lipschitz_section)
     return "\n".join([line for section in sections for line in section(combined)] + FILES_LINES)
 
@@ -838,10 +1049,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = writable_folder(Path(cfg["out"]), "out")
     atomic_write_text(out / OWNER_FILE, json.dumps(OWNER) + "\n")
     seen_runs, seen_arms = seen_tables(runs, included, cfg)
-    fit_rows, arm_fits = regressions(runs, included, cfg)
+    aligned = aligned_unseen(included)
+    fit_rows, arm_fits = regressions(runs, included, aligned, cfg)
     contrast_rows = contrasts(arm_fits, cfg["reference_arm"])
-    held_rows = held_out(included)
-    unseen_rows, spread_rows = unseen_tables(runs, included, cfg)
+    r2_rows = r2_contrasts(arm_fits, cfg["reference_arm"])
+    held_rows = held_out(included, aligned, cfg)
+    per_word_rows, spread_rows = unseen_tables(runs, included, aligned, cfg)
+    component_rows = components(included, aligned, cfg)
     shift_rows, shift_summary = jl_shifts(runs, cfg)
     dose_slopes, dose_points = dose_tables(included)
     lipschitz_rows = lipschitz_table(included)
@@ -854,14 +1068,16 @@ def main(argv: list[str] | None = None) -> dict:
                  "path": display_path(r["dir"], out)} for r in runs]
     atomic_write_text(out / "runs.csv", compact_csv_text(run_rows, list(run_rows[0])))
     for name, rows in (("seen.csv", seen_runs), ("seen_arms.csv", seen_arms), ("regressions.csv", fit_rows),
-                       ("contrasts.csv", contrast_rows), ("held_out.csv", held_rows), ("unseen.csv", unseen_rows),
-                       ("spread.csv", spread_rows), ("jl_shifts.csv", shift_rows),
+                       ("contrasts.csv", contrast_rows), ("r2_contrasts.csv", r2_rows), ("held_out.csv", held_rows),
+                       ("unseen.csv", per_word_rows),
+                       ("spread.csv", spread_rows), ("components.csv", component_rows), ("jl_shifts.csv", shift_rows),
                        ("jl_shift_summary.csv", shift_summary), ("dose_slopes.csv", dose_slopes),
                        ("dose_points.csv", dose_points), ("lipschitz.csv", lipschitz_rows)):
         atomic_write_text(out / name, compact_csv_text(rows, list(rows[0]) if rows else ["empty"]))
     combined = Combined(cfg=cfg, runs=runs, included=included, arms=list(dict.fromkeys(r["arm"] for r in runs)),
-                        seen_arms=seen_arms, fit_rows=fit_rows, contrast_rows=contrast_rows, held_rows=held_rows,
-                        spread_rows=spread_rows, shift_summary=shift_summary, dose_slopes=dose_slopes,
+                        seen_arms=seen_arms, fit_rows=fit_rows, contrast_rows=contrast_rows, r2_rows=r2_rows,
+                        held_rows=held_rows,
+                        spread_rows=spread_rows, component_rows=component_rows, shift_summary=shift_summary, dose_slopes=dose_slopes,
                         lipschitz_rows=lipschitz_rows, guidances=guidances, methods=methods, plots=plots,
                         min_homogeneity_p=min(homogeneity) if homogeneity else math.nan,
                         n_homogeneity=len(homogeneity))
@@ -869,7 +1085,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[combine] {len(runs)} runs ({len(included)} pass their controls); wrote "
           f"{display_path(out / 'report.md', Path.cwd())}")
     return {"runs": runs, "included": included, "seen_arms": seen_arms, "fits": fit_rows, "contrasts": contrast_rows,
-            "held_out": held_rows, "shift_summary": shift_summary, "out": str(out)}
+            "r2_contrasts": r2_rows, "held_out": held_rows, "shift_summary": shift_summary, "out": str(out)}
 
 
 if __name__ == "__main__":

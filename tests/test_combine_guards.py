@@ -312,8 +312,8 @@ def test_relativize_records_maps_each_kind_of_path_and_is_idempotent():
 
 # The files combine_audits.py writes as CSV; runs.csv gained its "path" column after the committed
 # run, so it is compared on the committed columns.
-COMBINED_CSVS = ("runs.csv", "seen.csv", "seen_arms.csv", "regressions.csv", "contrasts.csv", "held_out.csv",
-                 "unseen.csv", "spread.csv", "jl_shifts.csv", "jl_shift_summary.csv", "dose_slopes.csv",
+COMBINED_CSVS = ("runs.csv", "seen.csv", "seen_arms.csv", "regressions.csv", "contrasts.csv", "r2_contrasts.csv",
+                 "held_out.csv", "unseen.csv", "spread.csv", "components.csv", "jl_shifts.csv", "jl_shift_summary.csv", "dose_slopes.csv",
                  "dose_points.csv", "lipschitz.csv")
 # Floats are written with 6 significant digits. The committed projection shifts were computed in
 # float32 through a threaded BLAS, the regenerated ones in float64 with fixed-order sums: a float32

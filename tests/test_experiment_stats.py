@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from bias_begets_bias.cli import InputError
 from statistical_auditing.from_scratch import experiment_stats as E
 from statistical_auditing.core.stats import wilson_interval
 
@@ -71,16 +72,20 @@ def test_slope_contrast_by_hand():
 
 
 def test_held_out_prediction_by_hand():
-    # folds 0: (0,0),(2,1) -> y = x/2; fold 1: (1,1),(3,2) -> y = 0.5 + x/2; every held-out error
-    # is 0.5 in size; mean-only errors are 0.5, 1.5, -1.5, -0.5 (SS 5), so r2_out = 1 - 1/5.
-    result = E.held_out_prediction([0, 1, 2, 3], [0, 1, 1, 2], [0, 1, 0, 1])
-    assert result["rmse"] == pytest.approx(0.5) and result["mae"] == pytest.approx(0.5)
-    assert result["r2_out"] == pytest.approx(0.8)
-
-
-def test_alternating_folds_follow_the_ranks():
-    # ranks of (0.3, 0.1, 0.2, 0.0) are (3, 1, 2, 0): odd ranks form fold 1
-    assert E.alternating_folds([0.3, 0.1, 0.2, 0.0]).tolist() == [1, 1, 0, 0]
+    # 4 points fall into 2 + 2 in three ways, each as likely:
+    #   {0, 2} | {1, 3}: lines y = x/2 and y = 0.5 + x/2, every error 0.5: RMSE 0.5, R^2 1 - 1/5 = 0.8
+    #   {0, 1} | {2, 3}: lines y = x and y = x - 1, every error 1: RMSE 1, SST 2.5 + 2.5: R^2 0.2
+    #   {0, 3} | {1, 2}: lines y = 2x/3 and y = 1, errors +-1/3, +-1: RMSE sqrt(5)/3, SST 2: R^2 -1/9
+    result = E.held_out_prediction([0, 1, 2, 3], [0, 1, 1, 2], folds=2, repeats=3000, seed=4)
+    assert set(np.round(result["rmse_by_repeat"], 9)) == {0.5, 1.0, round(math.sqrt(5) / 3, 9)}
+    assert set(np.round(result["r2_by_repeat"], 9)) == {0.8, 0.2, round(-1 / 9, 9)}
+    assert result["r2_out_ci"] == pytest.approx((-1 / 9, 0.8)) and result["rmse_ci"] == pytest.approx((0.5, 1.0))
+    assert result["r2_out"] == pytest.approx((0.8 + 0.2 - 1 / 9) / 3, abs=0.02)
+    assert result["rmse"] == pytest.approx((0.5 + 1 + math.sqrt(5) / 3) / 3, abs=0.01)
+    # a line predicts its own points exactly; no spread in x: undefined
+    exact = E.held_out_prediction(np.arange(10.0), 1 + 2 * np.arange(10.0), repeats=20)
+    assert exact["rmse"] == pytest.approx(0, abs=1e-12) and exact["r2_out"] == pytest.approx(1)
+    assert not E.held_out_prediction(np.full(10, 0.1), np.arange(10.0))["defined"]
 
 
 def test_logistic_fit_saturated_two_groups_by_hand():
@@ -169,3 +174,126 @@ def test_pooled_between_word_sd_averages_runs_by_hand():
     assert (r["min"], r["max"]) == (0.25, 0.75)
     flat = E.pooled_between_word_sd([([2, 2, 2], [4, 4, 4])], n_boot=50)
     assert flat["tau"] == 0.0 and flat["tau_ci"] == (0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- crossed (pigeonhole) resamples
+
+
+def test_crossed_resample_applies_one_word_draw_to_every_drawn_run():
+    cells = 100 * np.arange(3)[:, None] + np.arange(5)[None, :]  # cell (r, w) holds 100 r + w
+    runs, words = E.draw_indices(3, 50, 7, E.RUN_STREAM), E.word_draws(5, 50, 7)
+    drawn = E.crossed_resample(cells, runs, words)
+    assert drawn.shape == (50, 3, 5)
+    assert (drawn % 100 == words[:, None, :]).all()  # the same word indices in every drawn run
+    assert (drawn // 100 == runs[:, :, None]).all()
+    # the word draws come from their own stream: they do not depend on how many runs there are
+    assert (E.word_draws(5, 50, 7) == words).all() and not (E.draw_indices(5, 50, 7, E.RUN_STREAM) == words).all()
+
+
+def test_hierarchical_regression_replicate_is_the_line_through_the_crossed_resample():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-0.2, 0.2, size=(3, 8))
+    y = 0.5 + 2 * x + rng.normal(0, 0.1, size=(3, 8))
+    words = E.word_draws(8, 40, 11)
+    fit = E.hierarchical_regression(list(zip(x, y)), n_boot=40, seed=5, words=words)
+    runs = E.draw_indices(3, 40, 5, E.RUN_STREAM)
+    for b in (0, 17, 39):
+        xb, yb = x[runs[b]][:, words[b]].ravel(), y[runs[b]][:, words[b]].ravel()
+        assert fit["replicates"][b] == pytest.approx(E.ols(xb, yb)[::2])
+    assert fit["word_draws"] is words or (fit["word_draws"] == words).all()
+
+
+def test_runs_must_be_aligned_by_word():
+    with pytest.raises(InputError, match="the same words in the same order"):
+        E.hierarchical_regression([(np.arange(4.0), np.arange(4.0)), (np.arange(3.0), np.arange(3.0))])
+    with pytest.raises(InputError, match=r"\(8, 4\) integer indices"):
+        E.hierarchical_regression([(np.arange(4.0), np.arange(4.0))], n_boot=8, words=np.zeros((8, 3), int))
+    words, rows = E.align_rows({"a": {"nurse": 1, "pilot": 2}, "b": {"pilot": 3, "nurse": 4}})
+    assert words == ["nurse", "pilot"] and rows == [[1, 2], [4, 3]]
+    with pytest.raises(InputError, match="b has no usable row for the word 'pilot', which a has"):
+        E.align_rows({"a": {"nurse": 1, "pilot": 2}, "b": {"nurse": 4}})
+    with pytest.raises(InputError, match="a has no usable row for the word 'baker', which b has"):
+        E.align_rows({"a": {"nurse": 1}, "b": {"nurse": 4, "baker": 5}})
+
+
+def test_arms_with_identical_data_differ_by_exactly_zero_in_every_replicate():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-0.2, 0.2, 12)
+    y = 0.5 + 2 * x + rng.normal(0, 0.1, 12)
+    words = E.word_draws(12, 300, 0)
+    # one run per arm, runs drawn with different seeds (different models): the words pair them
+    arm_a = E.hierarchical_regression([(x, y)], n_boot=300, seed=[0, 1], words=words)
+    arm_b = E.hierarchical_regression([(x, y)], n_boot=300, seed=[0, 2], words=words)
+    contrast = E.slope_contrast(arm_a, arm_b)
+    assert (contrast["replicates"] == 0).all() and contrast["ci"] == (0.0, 0.0) and contrast["difference"] == 0
+    # two runs per arm drawn with the same run seed: identical replicates too
+    two = [(x, y), (x, 1 - y)]
+    same = E.slope_contrast(*(E.hierarchical_regression(two, n_boot=300, seed=4, words=words) for _ in range(2)))
+    assert (same["replicates"] == 0).all()
+    # unpaired replicates (other word draws) are refused rather than subtracted
+    with pytest.raises(InputError, match="not paired"):
+        E.slope_contrast(arm_a, E.hierarchical_regression([(x, y)], n_boot=300, seed=1))
+
+
+def test_r2_contrast_is_paired_over_runs_and_words():
+    # one arm, two regressors, the same run and word draws: R^2 on x minus R^2 on x is exactly 0, and
+    # the difference of two regressors is the replicate-wise difference of their R^2
+    rng = np.random.default_rng(6)
+    x1, noise = rng.uniform(-0.2, 0.2, size=(3, 10)), rng.normal(0, 0.05, size=(3, 10))
+    x2 = x1 + rng.normal(0, 0.1, size=(3, 10))
+    y = 0.5 + 2 * x1 + noise
+    words = E.word_draws(10, 200, 0)
+    on_x1, on_x2 = (E.hierarchical_regression(list(zip(x, y)), n_boot=200, seed=9, words=words) for x in (x1, x2))
+    assert (E.paired_contrast(on_x1, on_x1, "r2")["replicates"] == 0).all()
+    contrast = E.paired_contrast(on_x2, on_x1, "r2")
+    assert contrast["difference"] == pytest.approx(on_x2["r2"] - on_x1["r2"])
+    assert contrast["replicates"] == pytest.approx(on_x2["replicates"][:, 1] - on_x1["replicates"][:, 1])
+    with pytest.raises(InputError, match="statistic"):
+        E.paired_contrast(on_x1, on_x2, "intercept")
+
+
+def test_crossed_interval_is_wider_than_nested_when_runs_share_word_effects():
+    # 3 runs x 20 words; each word has its own effect a_w (sd 0.1), the same in every run, plus small
+    # run-specific noise. Redrawing words inside each run (nested) treats a_w as independent per run
+    # and understates the slope's uncertainty; the crossed draw keeps a word's runs together.
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(4):
+        x = rng.uniform(-0.15, 0.15, 20)
+        a = rng.normal(0, 0.1, 20)
+        y = 0.5 + 2 * x + a + rng.normal(0, 0.02, size=(3, 20))
+        crossed = E.hierarchical_regression([(x, row) for row in y], n_boot=1000, seed=1)["slope_ci"]
+        draw = np.random.default_rng(1)
+        nested = []
+        for _ in range(1000):
+            picks = [(r, draw.integers(0, 20, 20)) for r in draw.integers(0, 3, 3)]
+            xb, yb = np.concatenate([x[w] for _, w in picks]), np.concatenate([y[r, w] for r, w in picks])
+            nested.append(E.ols(xb, yb)[0])
+        low, high = np.percentile(nested, [2.5, 97.5])
+        ratios.append((crossed[1] - crossed[0]) / (high - low))
+    assert min(ratios) > 1.2 and np.mean(ratios) > 1.4  # about sqrt(3) when word effects dominate
+
+
+def test_seen_word_crossed_resample_of_two_runs_and_two_seeds_by_hand():
+    # seed 0 drew no female image and seed 1 only female ones, in both runs (the same noise scored
+    # twice). Crossed: one seed draw for both runs, (0,0) -> 0, (1,1) -> 1, mixed -> 1/2, with
+    # probabilities 1/4, 1/4, 1/2. Nested (seeds redrawn per run) also gives 1/4 and 3/4.
+    s, n = [np.array([0, 10]), np.array([0, 10])], [np.array([10, 10]), np.array([10, 10])]
+    crossed = E.run_seed_replicates(s, n, True, 4000, 0)
+    values, counts = np.unique(crossed, return_counts=True)
+    assert values.tolist() == [0.0, 0.5, 1.0]
+    assert counts / 4000 == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+    nested = E.run_seed_replicates(s, n, False, 4000, 0)
+    assert set(np.unique(nested)) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    # replicate b is the mean over drawn runs of their counts on the shared drawn seeds
+    s2, n2 = [np.array([1, 4]), np.array([6, 9])], [np.array([10, 20]), np.array([10, 10])]
+    runs, seeds = E.draw_indices(2, 5, 3, E.RUN_STREAM), E.draw_indices(2, 5, 3, E.SEED_STREAM)
+    expected = [np.mean([s2[r][seeds[b]].sum() / n2[r][seeds[b]].sum() for r in runs[b]]) for b in range(5)]
+    assert E.run_seed_replicates(s2, n2, True, 5, 3) == pytest.approx(expected)
+    pooled = E.pooled_over_runs_and_seeds(s2, n2, True, n_boot=5, seed=3)
+    assert pooled["share"] == pytest.approx((5 / 30 + 15 / 20) / 2) and pooled["resample"] == "crossed"
+    assert (pooled["n_seeds"], pooled["n_runs"]) == (2, 2)
+    with pytest.raises(InputError, match="the same sampling seeds in the same order"):
+        E.pooled_over_runs_and_seeds([[1, 2], [1]], [[10, 10], [10]], True)
+    # one seed per run: nothing to redraw at the seed level, so the counts are redrawn binomially
+    assert E.pooled_over_runs_and_seeds([[3], [5]], [[10], [10]], True, n_boot=50)["resample"] == "binomial"

@@ -390,3 +390,22 @@ def test_decompose_runs_without_a_word_effect_gives_a_share_near_zero():
 def test_decompose_runs_rejects_bad_input(shares, message):
     with pytest.raises(InputError, match=message):
         V.decompose_runs(shares, 64)
+
+
+def test_repeated_cv_r2_with_groups_keeps_a_label_in_one_fold():
+    # Two runs x 3 words: y is the word's own value plus a run shift. Split by point, a word's
+    # share in the other run sits in the training half; split by word (groups) it never does.
+    x = np.array([0.0, 1.0, 2.0, 0.0, 1.0, 2.0])
+    y = np.array([0.0, 1.0, 2.0, 0.1, 1.1, 2.1])
+    words = np.array(["a", "b", "c", "a", "b", "c"])
+    grouped = V.repeated_cv_r2(x, y, folds=3, repeats=4, groups=words)
+    # leave-one-word-out: the line through the other two words' four points is y = 0.05 + x exactly
+    # (both runs' points), so each held-out point misses by +-0.05
+    assert grouped["n_units"] == 3
+    assert grouped["rmse_by_repeat"] == pytest.approx(np.full(4, 0.05))
+    assert np.ptp(grouped["r2_by_repeat"]) == pytest.approx(0.0)
+    assert V.repeated_cv_r2(x, y, folds=2, repeats=5, seed=1)["n_units"] == 6
+    with pytest.raises(InputError, match="groups: expected one label per point"):
+        V.repeated_cv_r2(x, y, groups=words[:5])
+    with pytest.raises(InputError, match="folds: expected a whole number in \\[2, 3\\] \\(groups\\)"):
+        V.repeated_cv_r2(x, y, folds=4, groups=words)

@@ -604,7 +604,8 @@ def per_run_t_interval(values: Sequence[float], level: float = 0.95) -> dict:
     return {"mean": mean, "sd": sd, "se": se, "ci": (mean - half, mean + half), "k": k, "df": k - 1, "level": level}
 
 
-def repeated_cv_r2(x, y, folds: int = 2, repeats: int = 200, seed: int = 0, level: float = 0.95) -> dict:
+def repeated_cv_r2(x, y, folds: int = 2, repeats: int = 200, seed: int = 0, level: float = 0.95,
+                   groups=None) -> dict:
     """Held-out R^2 of a least-squares line (or plane, for 2-D x) by repeated K-fold
     cross-validation (Hastie, Tibshirani & Friedman 2009, The Elements of Statistical
     Learning, 2nd ed., sec. 7.10).
@@ -615,7 +616,14 @@ def repeated_cv_r2(x, y, folds: int = 2, repeats: int = 200, seed: int = 0, leve
         R^2_cv = 1 - sum_i (y_i - yhat_i)^2 / sum_i (y_i - ybar_(-i))^2
 
     where ybar_(-i) is the mean of the training groups that predicted point i: 1 is perfect,
-    0 is no better than the training mean, below 0 is worse. ``r2`` is the mean over repeats.
+    0 is no better than the training mean, below 0 is worse. ``r2`` is the mean over repeats;
+    on the same splits RMSE = sqrt(mean_i (y_i - yhat_i)^2) and MAE = mean_i |y_i - yhat_i|.
+
+    ``groups`` (one label per point, e.g. the word of each run x word point) keeps every point
+    of a label in the same fold, so that a word is never predicted from its own shares in other
+    runs (grouped K-fold; Hastie et al. 2009, sec. 7.10.2 on what the held-out set must exclude).
+    The labels are then split as points are without it (same draws: ``groups=None`` is one
+    label per point).
 
     ``ci`` is the percentile range of the per-repeat values: it shows how much the answer
     depends on the random split, and nothing else. It is NOT a confidence interval for the
@@ -625,7 +633,8 @@ def repeated_cv_r2(x, y, folds: int = 2, repeats: int = 200, seed: int = 0, leve
     unbiased estimator of the variance of K-fold cross-validation", JMLR 5, 1089-1105).
     With folds equal to the number of points it is leave-one-out and every repeat agrees.
 
-    Returns dict(r2, ci, r2_by_repeat, folds, repeats, seed, level).
+    Returns dict(r2, ci, r2_by_repeat, rmse_by_repeat, mae_by_repeat, folds, repeats, seed, level,
+    n_units (points, or labels with ``groups``)).
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -636,30 +645,44 @@ def repeated_cv_r2(x, y, folds: int = 2, repeats: int = 200, seed: int = 0, leve
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise InputError("x, y: expected finite values")
     n_points, n_predictors = x.shape
-    if int(folds) != folds or folds < 2 or folds > n_points:
-        raise InputError(f"folds: expected a whole number in [2, {n_points}], got {folds!r}")
-    if n_points - math.ceil(n_points / folds) < n_predictors + 1:
-        raise InputError(f"folds: {folds} folds of {n_points} points leave too few to fit {n_predictors + 1} coefficients")
+    if groups is None:
+        unit = np.arange(n_points)
+    else:
+        labels = np.asarray(groups)
+        if labels.shape != (n_points,):
+            raise InputError(f"groups: expected one label per point ({n_points}), got shape {labels.shape}")
+        unit = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    n_units = int(unit.max()) + 1 if n_points else 0
+    what = "points" if groups is None else "groups"
+    if int(folds) != folds or folds < 2 or folds > n_units:
+        raise InputError(f"folds: expected a whole number in [2, {n_units}] ({what}), got {folds!r}")
+    # The fewest points a fit can get: the units outside the largest fold, each with the fewest points.
+    fewest_train = (n_units - math.ceil(n_units / folds)) * int(np.bincount(unit).min())
+    if fewest_train < n_predictors + 1:
+        raise InputError(f"folds: {folds} folds of {n_units} {what} leave too few to fit {n_predictors + 1} coefficients")
     if int(repeats) != repeats or repeats < 1:
         raise InputError(f"repeats: expected a whole number >= 1, got {repeats!r}")
     if not 0.0 < level < 1.0:
         raise InputError(f"level: expected a value in (0, 1), got {level!r}")
     design = np.column_stack([np.ones(n_points), x])
     rng = np.random.default_rng(seed)
-    values = np.empty(int(repeats))
+    values, rmse, mae = (np.empty(int(repeats)) for _ in range(3))
     for r in range(int(repeats)):
-        fold = np.empty(n_points, dtype=int)
-        fold[rng.permutation(n_points)] = np.arange(n_points) % folds
-        sse = sst = 0.0
+        unit_fold = np.empty(n_units, dtype=int)
+        unit_fold[rng.permutation(n_units)] = np.arange(n_units) % folds
+        fold = unit_fold[unit]
+        errors, baseline = np.empty(n_points), np.empty(n_points)
         for f in range(int(folds)):
             test, train = fold == f, fold != f
             coef = np.linalg.lstsq(design[train], y[train], rcond=None)[0]
-            sse += float(((y[test] - design[test] @ coef) ** 2).sum())
-            sst += float(((y[test] - y[train].mean()) ** 2).sum())
-        values[r] = 1.0 - sse / sst if sst > 0 else math.nan
+            errors[test], baseline[test] = y[test] - design[test] @ coef, y[test] - y[train].mean()
+        sst = float(baseline @ baseline)
+        values[r] = 1.0 - float(errors @ errors) / sst if sst > 0 else math.nan
+        rmse[r], mae[r] = math.sqrt(float(np.mean(errors ** 2))), float(np.mean(np.abs(errors)))
     return {"r2": float(np.nanmean(values)) if np.isfinite(values).any() else math.nan,
-            "ci": _percentile_interval(values, level), "r2_by_repeat": values, "folds": int(folds),
-            "repeats": int(repeats), "seed": seed, "level": level}
+            "ci": _percentile_interval(values, level), "r2_by_repeat": values, "rmse_by_repeat": rmse,
+            "mae_by_repeat": mae, "folds": int(folds), "repeats": int(repeats), "seed": seed, "level": level,
+            "n_units": n_units}
 
 
 # ----------------------------------------------------------------------------- neighbours
