@@ -144,6 +144,14 @@ def percentile_interval(values: Sequence[float], level: float) -> tuple[float, f
     return float(low), float(high)
 
 
+def finite_percentile_interval(values: Sequence[float], level: float) -> tuple[float, float]:
+    """``percentile_interval`` of the finite values only (NaN marks a dropped resample); (NaN, NaN)
+    when none is finite."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return percentile_interval(values, level) if values.size else (math.nan, math.nan)
+
+
 def linear_fit_with_bootstrap(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0,
                               level: float = 0.95) -> dict:
     """Least-squares line y = slope x + intercept with bootstrap intervals.

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 from bias_begets_bias.cli import InputError
-from statistical_auditing.core.stats import ols, percentile_interval, wilson_interval
+from statistical_auditing.core.stats import finite_percentile_interval, ols, percentile_interval, wilson_interval
 from statistical_auditing.from_scratch.variance_components import repeated_cv_r2
 
 # A regressor whose standard deviation is below this (in cosine-gap units) has no spread to
@@ -107,13 +107,6 @@ def align_rows(tables: Mapping[str, Mapping], what: str = "word") -> tuple[list,
             raise InputError(f"{lacking} has no usable row for the {what} {key!r}, which {holder} has: the runs "
                              f"are crossed with their {what}s, so every run must have measured every {what}")
     return keys, [[tables[name][k] for k in keys] for name in names]
-
-
-def _finite_interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile interval (Efron & Tibshirani 1993, ch. 13) of the finite values (NaN = a dropped resample)."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return percentile_interval(values, level) if values.size else (math.nan, math.nan)
 
 
 # ----------------------------------------------------------------------------- shares
@@ -217,7 +210,7 @@ def pooled_over_runs_and_seeds(successes: Sequence[Sequence[int]], n: Sequence[S
         pooled = pooled_over_runs([(int(a.sum()), int(b.sum())) for a, b in kept], n_boot, _entropy(seed)[0], level)
         return result | {"ci_low": pooled["ci_low"], "ci_high": pooled["ci_high"], "resample": "binomial"}
     replicates = run_seed_replicates([a for a, _ in kept], [b for _, b in kept], shared, n_boot, seed)
-    low, high = _finite_interval(replicates, level)
+    low, high = finite_percentile_interval(replicates, level)
     return result | {"ci_low": low, "ci_high": high, "resample": "crossed" if shared else "nested"}
 
 
@@ -300,8 +293,8 @@ def pooled_between_word_sd(groups: Sequence[tuple[Sequence[int], Sequence[int]]]
     for b in range(int(n_boot)):
         drawn = [between_word_sd(successes[r, words[b]], sizes[r, words[b]]) for r in runs[b]]
         replicates[b] = (np.mean([d["sd"] for d in drawn]), np.mean([d["tau"] for d in drawn]))
-    return {"sd": float(np.mean([r["sd"] for r in per_run])), "sd_ci": _finite_interval(replicates[:, 0], level),
-            "tau": float(np.mean([r["tau"] for r in per_run])), "tau_ci": _finite_interval(replicates[:, 1], level),
+    return {"sd": float(np.mean([r["sd"] for r in per_run])), "sd_ci": finite_percentile_interval(replicates[:, 0], level),
+            "tau": float(np.mean([r["tau"] for r in per_run])), "tau_ci": finite_percentile_interval(replicates[:, 1], level),
             "noise_sd": float(np.mean([r["noise_sd"] for r in per_run])), "n_runs": len(groups),
             "min": min(r["min"] for r in per_run), "max": max(r["max"] for r in per_run)}
 
@@ -380,7 +373,7 @@ def hierarchical_regression(groups: Sequence[tuple[Sequence[float], Sequence[flo
     if not kept:
         return undefined_fit("every bootstrap resample lacked spread in x", len(groups), n_points)
     return {"defined": True, "reason": "", "slope": slope, "intercept": intercept, "r2": r2,
-            "slope_ci": _finite_interval(replicates[:, 0], level), "r2_ci": _finite_interval(replicates[:, 1], level),
+            "slope_ci": finite_percentile_interval(replicates[:, 0], level), "r2_ci": finite_percentile_interval(replicates[:, 1], level),
             "n_runs": len(groups), "n_points": n_points, "n_boot": int(n_boot), "n_dropped": int(n_boot) - kept,
             "replicates": replicates, "word_draws": words}
 
@@ -406,7 +399,7 @@ def paired_contrast(fit: dict, reference: dict, statistic: str = "slope", level:
     column = STATISTIC_COLUMN[statistic]
     differences = fit["replicates"][:, column] - reference["replicates"][:, column]
     return {"defined": True, "difference": fit[statistic] - reference[statistic],
-            "ci": _finite_interval(differences, level), "replicates": differences}
+            "ci": finite_percentile_interval(differences, level), "replicates": differences}
 
 
 def slope_contrast(fit: dict, reference: dict, level: float = 0.95) -> dict:
@@ -437,7 +430,7 @@ def held_out_prediction(x: Sequence[float], y: Sequence[float], folds: int = 2, 
     cv = repeated_cv_r2(x, y, folds=folds, repeats=repeats, seed=seed, level=level,
                         groups=None if groups is None else np.asarray(groups))
     return {"defined": True, "r2_out": cv["r2"], "r2_out_ci": cv["ci"], "rmse": float(cv["rmse_by_repeat"].mean()),
-            "rmse_ci": _finite_interval(cv["rmse_by_repeat"], level), "mae": float(cv["mae_by_repeat"].mean()),
+            "rmse_ci": finite_percentile_interval(cv["rmse_by_repeat"], level), "mae": float(cv["mae_by_repeat"].mean()),
             "n": int(x.size), "folds": int(folds), "repeats": int(repeats), "r2_by_repeat": cv["r2_by_repeat"],
             "rmse_by_repeat": cv["rmse_by_repeat"]}
 

@@ -32,7 +32,7 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 from bias_begets_bias.cli import InputError
-from statistical_auditing.core.stats import percentile_interval
+from statistical_auditing.core.stats import finite_percentile_interval
 
 VARIANCE_KEYS = ("word", "word_x_jl", "word_x_train", "interaction", "sampling", "residual")
 RESAMPLE_CHOICES = ("words", "pigeonhole")
@@ -93,12 +93,6 @@ def _predictor(x, n_words: int, name: str = "x") -> np.ndarray:
     if float(np.ptp(x)) == 0.0:
         raise InputError(f"{name}: every word has the same value; a slope needs spread")
     return x
-
-
-def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile bootstrap interval (Efron & Tibshirani 1993, ch. 13); NaNs are left out."""
-    values = values[np.isfinite(values)]
-    return percentile_interval(values, level) if values.size else (math.nan, math.nan)
 
 
 # ----------------------------------------------------------------------------- the ANOVA
@@ -243,7 +237,7 @@ def decompose(shares, n, n_boot: int = 0, seed: int = 0, level: float = 0.95, re
             boot = _components(_mean_squares(_take(y, part)), _take(v, part).mean(axis=(-3, -2, -1)), n_jl, n_train)
             for key in keys:
                 reps[key][lo:lo + _CHUNK] = boot[key]
-        intervals = {key: _percentile_interval(reps[key], level) for key in keys}
+        intervals = {key: finite_percentile_interval(reps[key], level) for key in keys}
         intervals.update({f"sd_{key}": tuple(math.sqrt(max(bound, 0.0)) for bound in intervals[key])
                           for key in VARIANCE_KEYS})
         result.update(intervals=intervals, n_boot=int(n_boot), seed=seed, level=level, resample=resample)
@@ -306,7 +300,7 @@ def decompose_runs(shares, n, n_boot: int = 0, seed: int = 0, level: float = 0.9
     if n_boot:
         words = _draw_words(n_words, int(n_boot), np.random.default_rng(seed))
         boot = components(y[words], v[words].mean(axis=(-2, -1)))
-        intervals = {key: _percentile_interval(boot[key], level) for key in keys + ("word_share",)}
+        intervals = {key: finite_percentile_interval(boot[key], level) for key in keys + ("word_share",)}
         intervals.update({f"sd_{key}": tuple(math.sqrt(max(bound, 0.0)) for bound in intervals[key]) for key in keys})
         result.update(intervals=intervals, n_boot=int(n_boot), seed=seed, level=level)
     return result
@@ -449,8 +443,8 @@ def slope_on_predictor(shares, x, n_boot: int = 2000, seed: int = 0, level: floa
         "slope": float(fit["slope"]), "intercept": float(y.mean() - fit["slope"] * x.mean()),
         "r2": float(fit["r2"]), "fraction_of_word_variance_explained": float(fit["fraction"]),
         "word_variance": float(fit["word_variance"]),
-        "slope_ci": _percentile_interval(reps["slope"], level), "r2_ci": _percentile_interval(reps["r2"], level),
-        "fraction_ci": _percentile_interval(reps["fraction"], level),
+        "slope_ci": finite_percentile_interval(reps["slope"], level), "r2_ci": finite_percentile_interval(reps["r2"], level),
+        "fraction_ci": finite_percentile_interval(reps["fraction"], level),
         "n_words": y.shape[0], "n_boot": int(n_boot),
         "n_boot_dropped": {key: int((~np.isfinite(value)).sum()) for key, value in reps.items()},
         "seed": seed, "level": level, "resample": resample,
@@ -521,7 +515,7 @@ def paired_difference(shares_a, x_a, shares_b=None, x_b=None, statistic: str = "
         reps.append(_bootstrap_statistics(y, x, draws)[statistic])
     differences = reps[0] - reps[1]
     return {"difference": point[0] - point[1], "a": point[0], "b": point[1],
-            "ci": _percentile_interval(differences, level), "n_boot": int(n_boot),
+            "ci": finite_percentile_interval(differences, level), "n_boot": int(n_boot),
             "n_boot_dropped": int((~np.isfinite(differences)).sum()), "statistic": statistic, "seed": seed,
             "level": level, "resample": resample}
 
@@ -572,7 +566,7 @@ def component_difference(shares_a, key_a: str, shares_b=None, key_b: str | None 
             values[lo:lo + _CHUNK] = _components(_mean_squares(_take(y, part)), np.zeros(()), n_jl, n_train)[key]
         reps.append(values)
     return {"difference": point[0] - point[1], "a": point[0], "b": point[1],
-            "ci": _percentile_interval(reps[0] - reps[1], level), "key_a": key_a, "key_b": key_b,
+            "ci": finite_percentile_interval(reps[0] - reps[1], level), "key_a": key_a, "key_b": key_b,
             "n_boot": int(n_boot), "seed": seed, "level": level}
 
 
@@ -680,7 +674,7 @@ def repeated_cv_r2(x, y, folds: int = 2, repeats: int = 200, seed: int = 0, leve
         values[r] = 1.0 - float(errors @ errors) / sst if sst > 0 else math.nan
         rmse[r], mae[r] = math.sqrt(float(np.mean(errors ** 2))), float(np.mean(np.abs(errors)))
     return {"r2": float(np.nanmean(values)) if np.isfinite(values).any() else math.nan,
-            "ci": _percentile_interval(values, level), "r2_by_repeat": values, "rmse_by_repeat": rmse,
+            "ci": finite_percentile_interval(values, level), "r2_by_repeat": values, "rmse_by_repeat": rmse,
             "mae_by_repeat": mae, "folds": int(folds), "repeats": int(repeats), "seed": seed, "level": level,
             "n_units": n_units}
 
