@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from statistical_auditing.from_scratch import variance_components as vc
 # ----------------------------------------------------------------------------- config
 RUNS = "results/whose_bias/runs"  # folder of kept runs (<run>/config.json, <run>/audit/proportions.csv)
 OUT = "results/whose_bias/analysis"  # output folder: report.md, CSVs, PNGs
+ARMS = ""  # comma list of the arms to analyse (w2v, debiased, projected); empty = every arm in --runs
 METHOD = "scoredecomp"  # audit method whose female calls are analysed: scoredecomp | attribute
 GUIDANCE = 1.0  # (0, inf) audit guidance scale analysed
 N_BOOT = 2000  # [1, inf) bootstrap resamples of every interval
@@ -109,6 +111,22 @@ def load_runs(runs_folder: Path, method: str, guidance: float) -> list[Run]:
         require(not differing, f"--runs: {name} was trained with another recipe than {first} "
                                f"(differs in {', '.join(differing[:5])}); analyse one recipe at a time")
     return runs
+
+
+def select_arms(runs: list[Run], arms: str) -> list[Run]:
+    """The runs of the chosen arms (all with an empty choice): an arm still in progress can be left
+    out while the complete ones are analysed."""
+    if not arms:
+        return runs
+    chosen = [a.strip() for a in arms.split(",") if a.strip()]
+    unknown = [a for a in chosen if a not in ARM_DEBIAS]
+    require(not unknown, f"--arms: unknown arm(s) {', '.join(unknown)}; expected a comma list of "
+                         f"{', '.join(ARM_DEBIAS)}")
+    present = {run.arm for run in runs}
+    absent = [a for a in chosen if a not in present]
+    require(not absent, f"--arms: no run of arm(s) {', '.join(absent)} in --runs "
+                        f"(it holds {', '.join(sorted(present))})")
+    return [run for run in runs if run.arm in chosen]
 
 
 def common_words(runs: list[Run]) -> tuple[list[str], list[str]]:
@@ -298,6 +316,15 @@ def word_rows(results: dict[str, ArmResult]) -> list[dict]:
     return rows
 
 
+def command_line(cfg: dict) -> str:
+    """The command that made the report: every flag, the folders relative to the repository
+    where they lie in it (record_path), so a reader re-runs it as written."""
+    flags = {key: record_path(Path(value)) if key in ("runs", "out") else value for key, value in cfg.items()}
+    return shlex.join(["python", "statistical_auditing/whose_bias.py",
+                       *(part for key, value in flags.items() for part in (f"--{key}", f"{value:g}" if isinstance(
+                           value, float) else str(value)))])
+
+
 def fmt_ci(value: float, low, high, spec: str = ".3f") -> str:
     if low == "" or value == "":
         return format(value, spec) if value != "" else ""
@@ -319,8 +346,7 @@ def render_report(results: dict[str, ArmResult], runs: list[Run], dropped: list[
     words = next(iter(results.values())).arm.words
     commits = sorted({c for run in runs for c in run.commits})
     lines = [f"# Whose bias is it? Variance components of {len(words)} unseen words, {len(runs)} runs", "",
-             f"`python statistical_auditing/whose_bias.py --runs {record_path(Path(cfg['runs']), out)} "
-             f"--method {cfg['method']} --guidance {cfg['guidance']:g} --n_boot {cfg['n_boot']} --seed {cfg['seed']}`",
+             f"`{command_line(cfg)}`",
              "", f"Runs (commits {', '.join(c[:7] for c in commits) or 'not recorded'}): "
              + ", ".join(f"{r.name} ({r.arm}, JL {r.jl_seed}, training {r.train_seed})" for r in runs) + ".",
              f"Words: the {len(words)} unseen words every run audited"
@@ -395,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 description=__doc__.splitlines()[0])
     require(cfg["guidance"] > 0, f"--guidance: expected a scale > 0, got {cfg['guidance']}")
     runs_folder, out = Path(cfg["runs"]), Path(cfg["out"])
-    runs = load_runs(runs_folder, cfg["method"], cfg["guidance"])
+    runs = select_arms(load_runs(runs_folder, cfg["method"], cfg["guidance"]), cfg["arms"])
     words, dropped = common_words(runs)
     require(len(words) >= 3, f"--runs: only {len(words)} unseen words are audited in every run; need at least 3")
     order = [arm for arm in ARM_DEBIAS if any(run.arm == arm for run in runs)]
