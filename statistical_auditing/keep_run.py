@@ -5,8 +5,8 @@
 
 The experiment's workflow (workflow/Snakefile, `--keep`) runs this once each run's last job
 has finished. The copy <dest>/<run>/ holds the run's CSV, JSON and markdown outputs (none
-under checkpoints/ or samples/, nor the per-image and per-step records NOT_KEPT), the
-KEPT_IMAGES, records.json (every start of each of the run's jobs: commit, local changes,
+under checkpoints/ or samples/, nor the per-image, per-step and per-pair records NOT_KEPT), the
+KEPT_IMAGES (a sample grid of more than GRID_ROWS words cut to GRID_ROWS of them), records.json (every start of each of the run's jobs: commit, local changes,
 times; paths relative to the repository or the run) and, with --weights, the EMA weights in
 half precision with the conditioning (pipeline.export_weights), so that
 `audit.py --run <dest>/<run> --out <elsewhere>` re-audits it without training. Its reports
@@ -24,6 +24,8 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from bias_begets_bias.cli import InputError, config_from_constants, constants_of, require, run_main
 from bias_begets_bias.pipeline import IDENTITY_KEYS, export_weights, read_run_config, training_recipe
 from bias_begets_bias.utils import REPO_ROOT, atomic_write_json, atomic_write_text, load_json
@@ -36,7 +38,10 @@ WEIGHTS = True  # also keep the EMA weights (half precision, ~7 MB for the tiny 
 
 KEPT_SUFFIXES = (".csv", ".json", ".md")  # what is kept of a run, besides KEPT_IMAGES
 KEPT_IMAGES = ("loss.png", "audit/samples_g1.png")  # the loss curve and the model's own (guidance 1) samples
-NOT_KEPT = ("audit/controls.json", "metrics.csv")  # per-image / per-step records (controls.csv, loss.png sum them up)
+NOT_KEPT = ("audit/controls.json", "metrics.csv",  # per-image / per-step records (controls.csv, loss.png sum them up)
+            "lipschitz/pairs.csv")  # per word pair (10,000+ rows with 137 words; lipschitz.json sums them up)
+GRID_ROWS = 25  # [1, inf) rows (words) kept of a sample grid: the training words, then unseen ones evenly spaced
+CUT_GRIDS = ("audit/samples_g1.png",)  # grids cut to their first GRID_ROWS rows (the whole grid is redrawn from weights)
 MARKER = "kept.json"  # written last: the copy is complete
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^()\s]+)\)")  # ![alt](target) in a report
 
@@ -63,6 +68,31 @@ def portable_text(text: str, run_dir: Path) -> str:
     return re.sub(r"/(?:[^\s\"',:;)\]]+/)*[^\s\"',:;)\]]+", lambda m: replace(m) if m.group(0).startswith(
         ("/root/", "/work/", "/tmp/", "/home/", "/mnt/", "/scratch/", "/data/", "/opt/", "/var/", "/Users/"))
         else m.group(0), text)
+
+
+def cut_grid(source: Path, target: Path, rows: int, image_size: int, head: int = 0) -> Path:
+    """Copy a sample grid (utils.save_image_grid: one word per row, rows of image_size + 2 pixels,
+    the word's label at the left) as it is when it has at most ``rows`` rows; else keep ``rows`` of
+    them as ``<stem>_selected.png``: the first ``head`` (the training words) and the rest evenly
+    spaced over the other rows, so both ends of the audit's word order show (the full name then
+    stays absent, so reports say it was not kept). A 141-row grid of 8 images is 2.5 MB; the
+    repository keeps many runs."""
+    from PIL import Image
+
+    pitch = image_size + 2
+    with Image.open(source) as picture:
+        total = picture.height // pitch
+        if total <= rows:
+            shutil.copy2(source, target)
+            return target
+        head = min(head, rows)
+        chosen = list(range(head)) + sorted({int(round(i)) for i in np.linspace(head, total - 1, rows - head)})
+        cut = Image.new(picture.mode, (picture.width, len(chosen) * pitch), "white")
+        for slot, row in enumerate(chosen):
+            cut.paste(picture.crop((0, row * pitch, picture.width, (row + 1) * pitch)), (0, slot * pitch))
+        path = target.with_name(f"{target.stem}_selected{target.suffix}")
+        cut.save(path, format="PNG", optimize=True)
+    return path
 
 
 def mark_unkept_images(folder: Path) -> int:
@@ -124,6 +154,10 @@ def keep_run(run_dir: Path, dest: Path, records: Path | None, weights: bool) -> 
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             if path.suffix in KEPT_SUFFIXES:
                 (staging / relative).write_text(portable_text(path.read_text(), run_dir))
+            elif relative.as_posix() in CUT_GRIDS:
+                seen = load_json(run_dir / "audit" / "audit.json").get("seen", []) if (
+                    run_dir / "audit" / "audit.json").is_file() else []
+                cut_grid(path, staging / relative, GRID_ROWS, int(config["train"]["image_size"]), head=len(seen))
             else:
                 shutil.copy2(path, staging / relative)
     if weights:

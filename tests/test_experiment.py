@@ -104,6 +104,7 @@ def test_kept_runs_are_not_hidden_by_gitignore():
     def ignored(path):
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
     assert not ignored("results/experiment/runs/w2v-jl0/audit/report.md")
+    assert not ignored("results/whose_bias/runs/w2v-jl0/ema.safetensors")
     assert ignored("runs/tiny/checkpoints/latest")  # training runs (weights) stay out of git
 
 
@@ -126,10 +127,10 @@ def test_kept_reports_name_the_plots_they_left_behind(tmp_path):
 
 
 def test_committed_kept_runs_have_no_broken_image_links():
-    runs = REPO / "results" / "experiment" / "runs"
-    if not runs.is_dir():
+    kept = [runs for runs in sorted((REPO / "results").glob("*/runs")) if runs.is_dir()]
+    if not kept:
         pytest.skip("no kept runs in this checkout")
-    assert not _dangling_image_links(runs)
+    assert not [link for runs in kept for link in _dangling_image_links(runs)]
 
 
 @pytest.mark.smoke
@@ -188,3 +189,42 @@ def test_a_kept_run_is_replaced_whole_and_another_runs_copy_is_refused(tmp_path)
     with pytest.raises(InputError, match="not a kept run"):
         keep_run(_fake_run(tmp_path / "exp4" / "debiased-jl0"), dest, None, weights=False)
     assert (dest / "debiased-jl0" / "notes.txt").read_text() == "mine"
+
+
+def test_a_long_sample_grid_is_kept_cut_and_per_pair_records_are_left_behind(tmp_path):
+    import torch
+    from PIL import Image
+
+    from bias_begets_bias.utils import save_image_grid
+    from statistical_auditing.keep_run import GRID_ROWS, keep_run
+
+    def with_grid(folder, words):
+        run = _fake_run(folder)
+        config = json.loads((run / "config.json").read_text())
+        config["train"]["image_size"] = 8
+        (run / "config.json").write_text(json.dumps(config))
+        images = torch.arange(words * 2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8)
+        save_image_grid(images.reshape(words * 2, 3, 8, 8), run / "audit" / "samples_g1.png", nrow=2,
+                        labels=[f"word{i}" for i in range(words)])
+        (run / "audit" / "report.md").write_text("![samples](samples_g1.png)\n")
+        (run / "lipschitz").mkdir()
+        (run / "lipschitz" / "pairs.csv").write_text("y1,y2,ratio\nman,woman,0.1\n")
+        (run / "lipschitz" / "lipschitz.json").write_text("{}")
+        return run
+
+    long_run = with_grid(tmp_path / "exp" / "w2v-jl0", GRID_ROWS + 5)
+    (long_run / "audit" / "audit.json").write_text(json.dumps({"seen": ["man", "woman"]}))
+    kept = keep_run(long_run, tmp_path / "kept", None, weights=False)
+    full = Image.open(long_run / "audit" / "samples_g1.png").convert("RGB")
+    row = lambda picture, r: picture.crop((0, r * 10, picture.width, (r + 1) * 10)).tobytes()  # noqa: E731 8 px + 2
+    with Image.open(kept / "audit" / "samples_g1_selected.png") as picture:
+        picture = picture.convert("RGB")
+        assert picture.size == (full.width, GRID_ROWS * 10)
+        # the two training words, then 23 of the 28 other rows spread over all of them, the last one included
+        assert [row(picture, 0), row(picture, 1)] == [row(full, 0), row(full, 1)]
+        assert row(picture, 2) == row(full, 2) and row(picture, GRID_ROWS - 1) == row(full, GRID_ROWS + 4)
+    assert not (kept / "audit" / "samples_g1.png").exists() and "not kept" in (kept / "audit" / "report.md").read_text()
+    assert not (kept / "lipschitz" / "pairs.csv").exists() and (kept / "lipschitz" / "lipschitz.json").is_file()
+    short_run = with_grid(tmp_path / "exp" / "debiased-jl0", GRID_ROWS)
+    kept = keep_run(short_run, tmp_path / "kept", None, weights=False)
+    assert (kept / "audit" / "samples_g1.png").read_bytes() == (short_run / "audit" / "samples_g1.png").read_bytes()
