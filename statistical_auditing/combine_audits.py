@@ -378,20 +378,29 @@ def unseen_rows(run: dict, guidance: float, method: str) -> dict[str, dict]:
             if not r["seen"] and r["guidance"] == guidance and r["method"] == method and r["n"] > 0}
 
 
-def aligned_unseen(included: list[dict]) -> dict:
+def aligned_unseen(included: list[dict]) -> tuple[dict, dict]:
     """(guidance, method) -> (words, {run name: its unseen rows in the order of words}), aligned
     over every included run of every arm at once, so that word index j is one word in every run
-    and arm (what the crossed, paired resamples index). A run lacking a word is refused."""
+    and arm (what the crossed, paired resamples index). A run lacking a word is refused: the
+    design is broken. A word that some run audited but could not call at this scale and method
+    (n = 0: e.g. the attribute rule undetermined on every image) is a measurement, not a broken
+    design: it leaves this (guidance, method) in every run, and the second dict lists it."""
     combos = dict.fromkeys((r["guidance"], r["method"]) for run in included for r in run["shares"] if not r["seen"])
-    aligned = {}
+    aligned, uncalled = {}, {}
     for guidance, method in combos:
+        audited = {run["name"]: {r["word"]: r for r in run["shares"]
+                                 if not r["seen"] and r["guidance"] == guidance and r["method"] == method}
+                   for run in included}
+        dropped = sorted({word for rows in audited.values() for word, r in rows.items() if r["n"] <= 0})
         try:
-            words, rows = E.align_rows({run["name"]: unseen_rows(run, guidance, method) for run in included},
-                                       "unseen word")
+            words, rows = E.align_rows({name: {w: r for w, r in rows.items() if w not in dropped}
+                                        for name, rows in audited.items()}, "unseen word")
         except InputError as error:
             raise InputError(f"unseen words at guidance {guidance:g}, {method}: {error}") from None
         aligned[(guidance, method)] = (words, dict(zip((run["name"] for run in included), rows)))
-    return aligned
+        if dropped:
+            uncalled[(guidance, method)] = dropped
+    return aligned, uncalled
 
 
 def xy_groups(named_rows: dict[str, list[dict]], x_key: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
@@ -768,6 +777,7 @@ class Combined:
     guidances: list[float]  # every guidance scale the runs' shares hold, ascending
     methods: list[str]  # every audit method, in first-seen order
     plots: dict  # ("regression", guidance, method), "jl" or "dose" -> the PNG's file name
+    uncalled: dict  # (guidance, method) -> unseen words some run could not call there (left out of that cell)
     min_homogeneity_p: float  # the smallest seed-agreement p (NaN: no multi-seed rows)
     n_homogeneity: int  # the seed-agreement tests behind it
 
@@ -855,7 +865,9 @@ def unseen_section(c: Combined) -> list[str]:
                 r2 = f"{fmt(r['r2'])} {fmt_ci((r['r2_ci_low'], r['r2_ci_high']))}" if r["defined"] else "-"
                 rows.append(f"| {r['arm']} | {X_VARIANTS[r['x']].pooled} | {slope} | {r2} | {r['n_points']} |")
         plot = c.plots.get(("regression", guidance, method))
-        return rows + (["", f"![regression g{guidance:g} {method}]({plot})"] if plot else [])
+        dropped = c.uncalled.get((guidance, method), [])
+        return rows + ([f"\nLeft out here (some run called none of their images): {', '.join(dropped)}."]
+                       if dropped else []) + (["", f"![regression g{guidance:g} {method}]({plot})"] if plot else [])
 
     return lines + per_scale_tables(c, "| arm | x | slope [95% CI] | R^2 [95% CI] | runs x words |", table)
 
@@ -1049,7 +1061,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = writable_folder(Path(cfg["out"]), "out")
     atomic_write_text(out / OWNER_FILE, json.dumps(OWNER) + "\n")
     seen_runs, seen_arms = seen_tables(runs, included, cfg)
-    aligned = aligned_unseen(included)
+    aligned, uncalled = aligned_unseen(included)
     fit_rows, arm_fits = regressions(runs, included, aligned, cfg)
     contrast_rows = contrasts(arm_fits, cfg["reference_arm"])
     r2_rows = r2_contrasts(arm_fits, cfg["reference_arm"])
@@ -1080,7 +1092,7 @@ def main(argv: list[str] | None = None) -> dict:
                         spread_rows=spread_rows, component_rows=component_rows, shift_summary=shift_summary, dose_slopes=dose_slopes,
                         lipschitz_rows=lipschitz_rows, guidances=guidances, methods=methods, plots=plots,
                         min_homogeneity_p=min(homogeneity) if homogeneity else math.nan,
-                        n_homogeneity=len(homogeneity))
+                        n_homogeneity=len(homogeneity), uncalled=uncalled)
     write_report(out, combined)
     print(f"[combine] {len(runs)} runs ({len(included)} pass their controls); wrote "
           f"{display_path(out / 'report.md', Path.cwd())}")

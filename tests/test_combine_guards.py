@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,23 @@ def test_two_runs_differing_only_in_training_seed_are_both_pooled(tmp_path):
     runs = [make_run(tmp_path / "w2v-jl0-s1", seed=1), make_run(tmp_path / "w2v-jl0-s2", seed=2)]
     result = combine(runs, tmp_path / "out")
     assert [r["name"] for r in result["included"]] == ["w2v-jl0-s1", "w2v-jl0-s2"]
+
+
+def test_a_word_one_run_could_not_call_leaves_that_cell_in_every_run_and_is_listed(tmp_path):
+    """n = 0 (e.g. the attribute rule undetermined on all of a word's images) is a measurement, not a
+    broken design: the word leaves that guidance and method in every run, and the report says so."""
+    runs = [make_run(tmp_path / "w2v-jl0"), make_run(tmp_path / "w2v-jl1", jl_seed=1)]
+    table = runs[1] / "audit" / "proportions.csv"
+    table.write_text(re.sub(r"pilot,False,1,scoredecomp,100,\d+,[^,]*,", "pilot,False,1,scoredecomp,0,0,,",
+                            table.read_text()))
+    assert "pilot,False,1,scoredecomp,0,0,," in table.read_text()
+    result = combine(runs, tmp_path / "out")
+    pooled = [r for r in csv.DictReader(open(tmp_path / "out" / "regressions.csv")) if r["level"] == "arm"]
+    assert pooled and {r["n_points"] for r in pooled} == {"10"}  # 2 runs x the 5 words both called
+    per_word = [r for r in csv.DictReader(open(tmp_path / "out" / "unseen.csv")) if r["word"] == "pilot"]
+    assert [r["run"] for r in per_word] == ["w2v-jl0"]  # each run's own rows stay listed
+    assert "Left out here (some run called none of their images): pilot." in (tmp_path / "out" / "report.md").read_text()
+    assert [r["name"] for r in result["included"]] == ["w2v-jl0", "w2v-jl1"]
 
 
 # ----------------------------------------------------------------------------- 2. runs that do not belong together
