@@ -260,7 +260,8 @@ def seen_rows(arms: dict[str, Arm], runs: list[Run], level: float) -> list[dict]
             shares = [float(c["successes"]) / float(c["n"]) for c in cells]
             t = vc.per_run_t_interval(shares, level)
             rows.append({"arm": name, "word": word, "runs": len(cells), "mean_share": t["mean"],
-                         "ci_low": t["ci"][0], "ci_high": t["ci"][1], "run_min": min(shares), "run_max": max(shares),
+                         "ci_low": max(t["ci"][0], 0.0), "ci_high": min(t["ci"][1], 1.0),  # a share is in [0, 1]
+                         "run_min": min(shares), "run_max": max(shares),
                          "pooled_share": sum(float(c["successes"]) for c in cells) / sum(float(c["n"]) for c in cells),
                          "images": int(sum(float(c["n"]) for c in cells))})
     return rows

@@ -95,6 +95,7 @@ def test_the_analysis_recovers_the_planted_components(crossed_runs, tmp_path):
     assert differences[("debiased - w2v", "word variance")]["ci_high"] < 0  # debiasing removed the word part
     seen = {(r["arm"], r["word"]): r for r in result["tables"]["seen"]}
     assert seen[("w2v", "woman")]["runs"] == 6 and seen[("w2v", "woman")]["ci_low"] > 0.9
+    assert all(0.0 <= row["ci_low"] <= row["mean_share"] <= row["ci_high"] <= 1.0 for row in seen.values())
     for name in ("components", "differences", "predictors", "per_run", "words", "seen"):
         assert (out / f"{name}.csv").stat().st_size > 0
     for name in ("components.png", "word_effects.png"):
