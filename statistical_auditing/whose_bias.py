@@ -44,7 +44,10 @@ VOCABULARY = 0  # [0, inf) neighbours among the first N words of the embedding (
 CV_REPEATS = 200  # [1, inf) repeats of the 2-fold cross-validation of the word effects on word2vec's gap
 
 ARM_OF_DEBIAS = {debias: arm for arm, debias in ARM_DEBIAS.items()}
-COMPONENTS = ("word", "word_x_jl", "word_x_train", "interaction", "sampling")
+# word_x_train: what a training seed carries across JL matrices (the crossed model's term);
+# train_within_jl: everything particular to one training given its matrix (word_x_train + interaction);
+# word_x_run: word_x_jl + train_within_jl, the trained model's part beside the word's
+COMPONENTS = ("word", "word_x_jl", "word_x_train", "interaction", "train_within_jl", "word_x_run", "sampling")
 
 
 @dataclasses.dataclass
@@ -207,7 +210,8 @@ class ArmResult:
     per_run: list[dict]
     per_run_t: dict[str, dict]
     cv: dict
-    jl_vs_train: dict
+    jl_vs_train: dict  # word x JL minus word x training, crossed (what a training seed carries across matrices)
+    jl_vs_train_within: dict  # word x JL minus the training draw nested in the JL draw
 
 
 def analyse_arm(arm: Arm, cfg: dict) -> ArmResult:
@@ -223,7 +227,8 @@ def analyse_arm(arm: Arm, cfg: dict) -> ArmResult:
                    for key in ("slope_after_jl", "r2_after_jl")},
         cv=vc.repeated_cv_r2(arm.w2v_gap, effects["effect"], folds=2, repeats=cfg["cv_repeats"], seed=cfg["seed"],
                              level=cfg["level"]),
-        jl_vs_train=vc.component_difference(arm.shares, "word_x_jl", key_b="word_x_train", **boot))
+        jl_vs_train=vc.component_difference(arm.shares, "word_x_jl", key_b="word_x_train", **boot),
+        jl_vs_train_within=vc.component_difference(arm.shares, "word_x_jl", key_b="train_within_jl", n=arm.n, **boot))
 
 
 def arm_differences(results: dict[str, ArmResult], cfg: dict) -> list[dict]:
@@ -242,7 +247,9 @@ def arm_differences(results: dict[str, ArmResult], cfg: dict) -> list[dict]:
                  ("slope on word2vec's gap", vc.paired_difference(ya, results[a].arm.w2v_gap, yb,
                                                                   results[b].arm.w2v_gap, **boot)),
                  ("word x JL variance", vc.component_difference(ya, "word_x_jl", yb, **boot)),
-                 ("word x training variance", vc.component_difference(ya, "word_x_train", yb, **boot))]
+                 ("word x training variance", vc.component_difference(ya, "word_x_train", yb, **boot)),
+                 ("training-within-JL variance", vc.component_difference(
+                     ya, "train_within_jl", yb, n=results[a].arm.n, n_b=results[b].arm.n, **boot))]
         for what, result in tests:
             rows.append({"contrast": f"{a} - {b}", "statistic": what, "difference": result["difference"],
                          "a": result["a"], "b": result["b"], "ci_low": result["ci"][0], "ci_high": result["ci"][1]})
@@ -281,9 +288,6 @@ def component_rows(results: dict[str, ArmResult]) -> list[dict]:
         low, high = comp["intervals"]["word_share"]
         rows.append({"arm": name, "component": "word_share", "variance": "", "sd": comp["word_share"],
                      "sd_ci_low": low, "sd_ci_high": high})
-        model = math.sqrt(sum(max(comp["variance"][k], 0.0) for k in ("word_x_jl", "word_x_train")))
-        rows.append({"arm": name, "component": "word_x_jl+word_x_train", "variance": model ** 2, "sd": model,
-                     "sd_ci_low": "", "sd_ci_high": ""})
     return rows
 
 
@@ -358,13 +362,19 @@ def render_report(results: dict[str, ArmResult], runs: list[Run], dropped: list[
     lines += markdown_table(tables["components"], [
         ("arm", lambda r: r["arm"]), ("component", lambda r: r["component"]),
         ("sd [interval]", lambda r: fmt_ci(r["sd"], r["sd_ci_low"], r["sd_ci_high"]))])
-    lines += ["", "word_share: the word's part of the variance that is not sampling noise.", "",
+    lines += ["", "word_share: the word's part of the variance that is not sampling noise. word_x_train: what a "
+              "training seed carries across JL matrices (the crossed term); train_within_jl: what is particular to "
+              "one training given its JL matrix (word_x_train + interaction: the training draw nested in the JL "
+              "draw); word_x_run: word_x_jl + train_within_jl, everything particular to a run.", "",
               "## Differences (paired over words)", ""]
     lines += markdown_table(tables["differences"], [
         ("contrast", lambda r: r["contrast"]), ("statistic", lambda r: r["statistic"]),
         ("difference [interval]", lambda r: fmt_ci(r["difference"], r["ci_low"], r["ci_high"], ".4f"))])
-    lines += ["", "Within each arm, word x JL minus word x training (variances):", ""]
-    lines += [f"- {name}: {fmt_ci(res.jl_vs_train['difference'], *res.jl_vs_train['ci'], '.4f')}"
+    lines += ["", "Within each arm, word x JL minus the training draw (variances; crossed word x training, and the "
+              "training draw nested in the JL draw):", ""]
+    lines += [f"- {name}: word_x_jl - word_x_train {fmt_ci(res.jl_vs_train['difference'], *res.jl_vs_train['ci'], '.4f')}; "
+              f"word_x_jl - train_within_jl "
+              f"{fmt_ci(res.jl_vs_train_within['difference'], *res.jl_vs_train_within['ci'], '.4f')}"
               for name, res in results.items()]
     lines += ["", "## What the word's part follows", ""]
     lines += markdown_table(tables["predictors"], [

@@ -34,7 +34,8 @@ from scipy import stats as _scipy_stats
 from bias_begets_bias.cli import InputError
 from statistical_auditing.core.stats import finite_percentile_interval
 
-VARIANCE_KEYS = ("word", "word_x_jl", "word_x_train", "interaction", "sampling", "residual")
+VARIANCE_KEYS = ("word", "word_x_jl", "word_x_train", "interaction", "train_within_jl", "word_x_run", "sampling",
+                 "residual")
 RESAMPLE_CHOICES = ("words", "pigeonhole")
 STATISTICS = ("slope", "r2", "fraction", "word_variance")
 # Resamples are evaluated this many at a time: (chunk, words, J, T) float64 arrays stay a few MB.
@@ -137,6 +138,11 @@ def _components(ms: Mapping[str, np.ndarray], sampling: np.ndarray, n_jl: int, n
         "word_x_jl": (ms["word_x_jl"] - ms["residual"]) / n_train,
         "word_x_train": (ms["word_x_train"] - ms["residual"]) / n_jl,
         "interaction": ms["residual"] - sampling,
+        # the nested reading: everything particular to one training given its JL matrix (see decompose)
+        "train_within_jl": (ms["word_x_train"] - ms["residual"]) / n_jl + ms["residual"] - sampling,
+        # everything particular to a run (its JL matrix and its training), the model's part
+        "word_x_run": ((ms["word_x_jl"] - ms["residual"]) / n_train + (ms["word_x_train"] - ms["residual"]) / n_jl
+                       + ms["residual"] - sampling),
         "sampling": sampling,
         "residual": ms["residual"],
     }
@@ -190,6 +196,19 @@ def decompose(shares, n, n_boot: int = 0, seed: int = 0, level: float = 0.95, re
     Because the layout is balanced, each cell has the same weight in MS_WJT, so
     E[MS_WJT] = s2_interaction + mean over cells of p (1 - p) / n even when p differs by cell;
     hence s2_sampling = mean of ``sampling_variance`` and s2_interaction = MS_WJT - s2_sampling.
+
+    Training draws nested in JL draws. A training seed shared by runs with different JL
+    matrices starts from the same initialisation, data order and noise, but the network sees
+    other conditioning vectors, so nothing guarantees that its effect on a word, c[w, t], is the
+    same under both matrices; if it is not, the seed's effect is nested in the JL draw,
+    c'[w, j, t], and the crossed c and the interaction are one thing. ``train_within_jl`` =
+    s2_word_x_train + s2_interaction estimates its variance either way: it is the nested
+    layout's own estimate (MS_T(J) - s2_sampling, with MS_T(J) = (SS_WT + SS_WJT) / ((W - 1)
+    J (T - 1)) = (MS_WT + (J - 1) MS_WJT) / J; Searle, Casella & McCulloch 1992, sec. 4.3), and
+    under the nested model s2_word and s2_word_x_jl above stay unbiased while s2_word_x_train
+    estimates 0. It is the training draw's part to compare with the JL draw's. ``word_x_run`` =
+    s2_word_x_jl + s2_train_within_jl is everything particular to a run: the trained model's
+    part beside the word's.
 
     Estimates can be negative (sampling error); ``variance`` keeps the raw values, ``sd``
     is sqrt(max(0, variance)), and ``word_share`` = s2_word+ / (s2_word+ + s2_word_x_jl+ +
@@ -520,11 +539,12 @@ def paired_difference(shares_a, x_a, shares_b=None, x_b=None, statistic: str = "
             "level": level, "resample": resample}
 
 
-COMPONENT_KEYS = ("word", "word_x_jl", "word_x_train")
+COMPONENT_KEYS = ("word", "word_x_jl", "word_x_train", "train_within_jl")
+_NEEDS_SAMPLING = ("train_within_jl",)  # components that subtract the binomial sampling variance
 
 
 def component_difference(shares_a, key_a: str, shares_b=None, key_b: str | None = None, n_boot: int = 2000,
-                         seed: int = 0, level: float = 0.95) -> dict:
+                         seed: int = 0, level: float = 0.95, n=None, n_b=None) -> dict:
     """Difference A - B of two variance components (``decompose``'s method-of-moments estimates,
     variances, not sd), with a percentile interval from resamples that redraw words jointly.
 
@@ -535,10 +555,12 @@ def component_difference(shares_a, key_a: str, shares_b=None, key_b: str | None 
       defaults to key_a, e.g. word_x_jl of the projected arm minus that of the debiased arm.
       Each resample applies one set of word indices to both arms, so the words' own variation,
       common to both, largely cancels.
+    - ``train_within_jl`` (the training draw nested in the JL draw, see ``decompose``) subtracts
+      the binomial sampling variance, so it needs ``n`` (images per cell of A: a number or an
+      array of its shape; ``n_b`` for B, default ``n``); the other components need none.
 
     Words only are redrawn (the JL and training draws stay): with 2-3 draws a redrawn factor
-    repeats a draw and biases the interaction components low (see ``decompose``). The
-    components here need no sampling variance (it enters only the interaction).
+    repeats a draw and biases the interaction components low (see ``decompose``).
 
     Returns dict(difference, a, b, ci, key_a, key_b, n_boot, seed, level).
     """
@@ -548,6 +570,9 @@ def component_difference(shares_a, key_a: str, shares_b=None, key_b: str | None 
             raise InputError(f"{name}: expected one of {', '.join(COMPONENT_KEYS)}, got {key!r}")
     if shares_b is None and key_a == key_b:
         raise InputError("key_b: with one arm, expected a component other than key_a")
+    if n is None and {key_a, key_b} & set(_NEEDS_SAMPLING):
+        raise InputError(f"n: {' and '.join(sorted({key_a, key_b} & set(_NEEDS_SAMPLING)))} subtracts the sampling "
+                         "variance; expected the number of images per cell")
     _check_bootstrap(n_boot, level, "words", min_boot=1)
     y_a = _shares_array(shares_a, "shares_a")
     y_b = y_a if shares_b is None else _shares_array(shares_b, "shares_b")
@@ -556,14 +581,16 @@ def component_difference(shares_a, key_a: str, shares_b=None, key_b: str | None 
     rng = np.random.default_rng(seed)
     words = _draw_words(y_a.shape[0], int(n_boot), rng)
     point, reps = [], []
-    for y, key in ((y_a, key_a), (y_b, key_b)):
+    for y, key, sizes in ((y_a, key_a, n), (y_b, key_b, n if n_b is None else n_b)):
         _, n_jl, n_train = y.shape
-        point.append(float(_components(_mean_squares(y), np.zeros(()), n_jl, n_train)[key]))
+        v = sampling_variance(y, sizes) if sizes is not None else np.zeros(y.shape)
+        point.append(float(_components(_mean_squares(y), v.mean(), n_jl, n_train)[key]))
         draws = _draw_indices(y.shape, int(n_boot), "words", rng, words)
         values = np.empty(int(n_boot))
         for lo in range(0, int(n_boot), _CHUNK):
             part = tuple(d[lo:lo + _CHUNK] for d in draws)
-            values[lo:lo + _CHUNK] = _components(_mean_squares(_take(y, part)), np.zeros(()), n_jl, n_train)[key]
+            values[lo:lo + _CHUNK] = _components(_mean_squares(_take(y, part)), _take(v, part).mean(axis=(-3, -2, -1)),
+                                                 n_jl, n_train)[key]
         reps.append(values)
     return {"difference": point[0] - point[1], "a": point[0], "b": point[1],
             "ci": finite_percentile_interval(reps[0] - reps[1], level), "key_a": key_a, "key_b": key_b,
