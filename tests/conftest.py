@@ -18,6 +18,9 @@ anyway (through a helper the rule above cannot see) fails with the reason.
 """
 from __future__ import annotations
 
+import csv
+import io
+import math
 import os
 import shutil
 import signal
@@ -144,3 +147,37 @@ def audited_smoke_run(tmp_path_factory, smoke_run) -> Path:
     result = run_script("statistical_auditing/audit.py", "--run", str(run), *SMOKE_AUDIT)
     (run.parent / "audit_stdout.txt").write_text(result.stdout)
     return run
+
+
+# ----------------------------------------------------------------------------- committed CSVs regenerate
+
+# Floats are written with 6 significant digits. The committed projection shifts were computed in
+# float32 through a threaded BLAS, the regenerated ones in float64 with fixed-order sums: a float32
+# sum of 300 products of size ~0.1 is off by up to ~1e-6, which moves gap_after and shift by up to
+# 1e-6 absolute (measured: 1.0e-6) and the hard-debiased gaps that are 0 up to rounding by 1e-7.
+# Every other combined table regenerates digit for digit.
+FLOAT_RTOL, FLOAT_ATOL = 1e-5, 2e-6
+
+
+def _same_cell(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        x, y = float(a), float(b)
+    except ValueError:
+        return False
+    return not (math.isnan(x) or math.isnan(y)) and abs(x - y) <= FLOAT_ATOL + FLOAT_RTOL * abs(y) \
+        and any(c in a + b for c in ".e")  # integer cells must match exactly: only floats print a point or e
+
+
+def compare_csv(new: Path, old: Path) -> list[str]:
+    new_rows = list(csv.DictReader(io.StringIO(new.read_text())))
+    old_rows = list(csv.DictReader(io.StringIO(old.read_text())))
+    if len(new_rows) != len(old_rows):
+        return [f"{old.name}: {len(new_rows)} rows, committed {len(old_rows)}"]
+    problems = []
+    for i, (n, o) in enumerate(zip(new_rows, old_rows)):
+        for column in o:
+            if column not in n or not _same_cell(n[column], o[column]):
+                problems.append(f"{old.name} row {i + 2} {column}: {n.get(column)!r} vs committed {o[column]!r}")
+    return problems

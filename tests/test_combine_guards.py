@@ -21,6 +21,8 @@ from bias_begets_bias.cli import InputError
 from statistical_auditing import combine_audits
 from statistical_auditing.from_scratch import experiment_stats
 
+from conftest import compare_csv
+
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ["accountant", "nurse", "pilot", "baker", "lawyer", "cashier"]  # all in data/professions.txt
 COMMITTED = REPO / "results" / "experiment"
@@ -333,38 +335,6 @@ def test_relativize_records_maps_each_kind_of_path_and_is_idempotent():
 COMBINED_CSVS = ("runs.csv", "seen.csv", "seen_arms.csv", "regressions.csv", "contrasts.csv", "r2_contrasts.csv",
                  "held_out.csv", "unseen.csv", "spread.csv", "components.csv", "jl_shifts.csv", "jl_shift_summary.csv", "dose_slopes.csv",
                  "dose_points.csv", "lipschitz.csv")
-# Floats are written with 6 significant digits. The committed projection shifts were computed in
-# float32 through a threaded BLAS, the regenerated ones in float64 with fixed-order sums: a float32
-# sum of 300 products of size ~0.1 is off by up to ~1e-6, which moves gap_after and shift by up to
-# 1e-6 absolute (measured: 1.0e-6) and the hard-debiased gaps that are 0 up to rounding by 1e-7.
-# Every other combined table regenerates digit for digit.
-FLOAT_RTOL, FLOAT_ATOL = 1e-5, 2e-6
-
-
-def _same_cell(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    try:
-        x, y = float(a), float(b)
-    except ValueError:
-        return False
-    return not (math.isnan(x) or math.isnan(y)) and abs(x - y) <= FLOAT_ATOL + FLOAT_RTOL * abs(y) \
-        and any(c in a + b for c in ".e")  # integer cells must match exactly: only floats print a point or e
-
-
-def compare_csv(new: Path, old: Path) -> list[str]:
-    new_rows = list(csv.DictReader(io.StringIO(new.read_text())))
-    old_rows = list(csv.DictReader(io.StringIO(old.read_text())))
-    if len(new_rows) != len(old_rows):
-        return [f"{old.name}: {len(new_rows)} rows, committed {len(old_rows)}"]
-    problems = []
-    for i, (n, o) in enumerate(zip(new_rows, old_rows)):
-        for column in o:
-            if column not in n or not _same_cell(n[column], o[column]):
-                problems.append(f"{old.name} row {i + 2} {column}: {n.get(column)!r} vs committed {o[column]!r}")
-    return problems
-
-
 REGENERATED = {  # committed combine output -> the committed runs it was made from (their pages give the command)
     COMMITTED: [COMMITTED / "runs" / f"{arm}-jl{seed}" for seed in (0, 1, 2) for arm in ("w2v", "debiased", "projected")],
     REPO / "results" / "whose_bias" / "interim_jl0": [REPO / "results" / "whose_bias" / "runs" / f"{arm}-jl0{train}"
