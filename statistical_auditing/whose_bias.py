@@ -34,6 +34,7 @@ from statistical_auditing.from_scratch import variance_components as vc
 RUNS = "results/whose_bias/runs"  # folder of kept runs (<run>/config.json, <run>/audit/proportions.csv)
 OUT = "results/whose_bias/analysis"  # output folder: report.md, CSVs, PNGs
 ARMS = ""  # comma list of the arms to analyse (w2v, debiased, projected); empty = every arm in --runs
+WORDS = ""  # unseen words to analyse: a comma list, or a CSV file with a "word" column; empty = every word every run audited
 METHOD = "scoredecomp"  # audit method whose female calls are analysed: scoredecomp | attribute
 GUIDANCE = 1.0  # (0, inf) audit guidance scale analysed
 N_BOOT = 2000  # [1, inf) bootstrap resamples of every interval
@@ -137,6 +138,23 @@ def common_words(runs: list[Run]) -> tuple[list[str], list[str]]:
     order = list(runs[0].unseen)
     everywhere = set.intersection(*(set(run.unseen) for run in runs))
     return [w for w in order if w in everywhere], sorted(set().union(*(run.unseen for run in runs)) - everywhere)
+
+
+def select_words(words: list[str], choice: str) -> list[str]:
+    """The chosen unseen words (all with an empty choice), in the runs' order. ``choice`` is a comma
+    list, or a CSV file whose "word" column lists them (e.g. results/experiment/unseen.csv: the 20
+    professions of the first design); every chosen word must have been audited in every run."""
+    if not choice:
+        return words
+    path = Path(choice)
+    if path.suffix == ".csv":
+        require(path.is_file(), f"--words: {choice} is not a file (expected a CSV with a 'word' column, or a comma list)")
+        chosen = list(dict.fromkeys(row["word"] for row in read_csv_table(path, ("word",))))
+    else:
+        chosen = list(dict.fromkeys(w.strip() for w in choice.split(",") if w.strip()))
+    missing = [w for w in chosen if w not in set(words)]
+    require(not missing, f"--words: not an unseen word audited in every run: {', '.join(missing)}")
+    return [w for w in words if w in set(chosen)]
 
 
 def build_arm(name: str, runs: list[Run], words: list[str]) -> Arm:
@@ -324,13 +342,16 @@ def word_rows(results: dict[str, ArmResult]) -> list[dict]:
 def command_line(cfg: dict) -> str:
     """The command that made the report: every flag, the folders relative to the repository
     where they lie in it (record_path), so a reader re-runs it as written."""
-    flags = {key: record_path(Path(value)) if key in ("runs", "out") else value for key, value in cfg.items()}
+    flags = {key: record_path(Path(value)) if key in ("runs", "out") or (key == "words" and value.endswith(".csv"))
+             else value for key, value in cfg.items()}
     return shlex.join(["python", "statistical_auditing/whose_bias.py",
                        *(part for key, value in flags.items() for part in (f"--{key}", f"{value:g}" if isinstance(
                            value, float) else str(value)))])
 
 
 def fmt_ci(value: float, low, high, spec: str = ".3f") -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "not defined"  # e.g. the fraction of a word variance estimated at <= 0
     if low == "" or value == "":
         return format(value, spec) if value != "" else ""
     return f"{value:{spec}} [{low:{spec}}, {high:{spec}}]"
@@ -354,8 +375,9 @@ def render_report(results: dict[str, ArmResult], runs: list[Run], dropped: list[
              f"`{command_line(cfg)}`",
              "", f"Runs (commits {', '.join(c[:7] for c in commits) or 'not recorded'}): "
              + ", ".join(f"{r.name} ({r.arm}, JL {r.jl_seed}, training {r.train_seed})" for r in runs) + ".",
-             f"Words: the {len(words)} unseen words every run audited"
-             + (f"; left out (not in every run): {', '.join(dropped)}" if dropped else "") + ".",
+             (f"Words: the {len(words)} unseen words chosen by --words" if cfg["words"] else
+              f"Words: the {len(words)} unseen words every run audited"
+              + (f"; left out (not in every run): {', '.join(dropped)}" if dropped else "")) + ".",
              f"Female share by {cfg['method']} at guidance {cfg['guidance']:g}. Intervals: {level} percentile, "
              f"{cfg['n_boot']} resamples redrawing words jointly across runs (components; pigeonhole for slopes and "
              f"R^2); per-run t-intervals where marked.", "", "## Components (sd, share scale)", ""]
@@ -383,7 +405,9 @@ def render_report(results: dict[str, ArmResult], runs: list[Run], dropped: list[
         ("R^2", lambda r: fmt_ci(r.get("r2", ""), r.get("r2_ci_low", ""), r.get("r2_ci_high", ""), ".2f")),
         ("fraction of the word component", lambda r: fmt_ci(r.get("fraction", ""), r.get("fraction_ci_low", ""),
                                                              r.get("fraction_ci_high", ""), ".2f"))])
-    lines += ["", f"## Seen words (mean of the runs' shares, {level} t-interval over runs)", ""]
+    lines += ["", "fraction: the share of the word component that the predictor explains; not defined where the "
+              "word variance is estimated at 0 or below.", "",
+              f"## Seen words (mean of the runs' shares, {level} t-interval over runs)", ""]
     lines += markdown_table(tables["seen"], [
         ("arm", lambda r: r["arm"]), ("word", lambda r: r["word"]), ("runs", lambda r: str(r["runs"])),
         ("share [interval]", lambda r: fmt_ci(r["mean_share"], r["ci_low"], r["ci_high"])),
@@ -434,7 +458,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs_folder, out = Path(cfg["runs"]), Path(cfg["out"])
     runs = select_arms(load_runs(runs_folder, cfg["method"], cfg["guidance"]), cfg["arms"])
     words, dropped = common_words(runs)
-    require(len(words) >= 3, f"--runs: only {len(words)} unseen words are audited in every run; need at least 3")
+    words = select_words(words, cfg["words"])
+    # 4: the 2-fold cross-validation must leave 2 words to fit a line
+    require(len(words) >= 4, f"--runs/--words: only {len(words)} unseen words audited in every run are analysed; "
+                             "need at least 4")
     order = [arm for arm in ARM_DEBIAS if any(run.arm == arm for run in runs)]
     arms = {name: build_arm(name, [run for run in runs if run.arm == name], words) for name in order}
     results = {name: analyse_arm(arm, cfg) for name, arm in arms.items()}

@@ -155,3 +155,23 @@ def test_arms_picks_the_complete_arms_of_a_grid_in_progress(crossed_runs, tmp_pa
     with pytest.raises(InputError, match="--arms: no run of arm.*projected"):
         wb.main(["--runs", str(runs), "--out", str(tmp_path / "out2"), "--arms", "w2v,projected", *ARGS])
     assert not (tmp_path / "out2").exists()
+
+
+def test_words_restricts_the_analysis_to_a_list_or_a_csv_column(crossed_runs, tmp_path):
+    chosen = ["surgeon", "nurse practitioner", "baker", "pilot", "tailor"]
+    result = wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "out"), "--words", ",".join(chosen), *ARGS])
+    assert result["words"] == ["baker", "nurse practitioner", "pilot", "surgeon", "tailor"]  # in the runs' order
+    assert result["results"]["w2v"].arm.shares.shape == (5, 3, 2)
+    listing = tmp_path / "words.csv"
+    listing.write_text("word,other\nsurgeon,1\nbaker,2\nsurgeon,3\nnurse practitioner,4\ntailor,5\npilot,6\n")
+    again = wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "out_csv"), "--words", str(listing), *ARGS])
+    assert again["words"] == result["words"]
+    assert "the 5 unseen words chosen by --words" in (tmp_path / "out_csv" / "report.md").read_text()
+    with pytest.raises(InputError, match="--words: not an unseen word audited in every run: astronaut"):
+        wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "bad"), "--words", "baker,astronaut", *ARGS])
+    with pytest.raises(InputError, match="--runs/--words: only 3 unseen words"):
+        wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "bad"), "--words", "baker,pilot,tailor", *ARGS])
+    with pytest.raises(InputError, match="--words: .*nowhere.csv is not a file"):
+        wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "bad"), "--words", str(tmp_path / "nowhere.csv"),
+                 *ARGS])
+    assert not (tmp_path / "bad").exists()
