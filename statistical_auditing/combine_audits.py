@@ -333,6 +333,13 @@ def sampling_seeds_shared(members: list[dict]) -> tuple[bool, str]:
     return False, "the runs' audit seeds differ (" + ", ".join(map(str, dict.fromkeys(seeds))) + ")"
 
 
+def run_label(row: dict) -> str:
+    """A run's short name in a per-run list: its name without the arm ("jl0", "jl0-s1"), so that two
+    trainings with one JL matrix stay apart."""
+    name, arm = str(row["run"]), str(row["arm"])
+    return name[len(arm) + 1:] if name.startswith(f"{arm}-") and len(name) > len(arm) + 1 else name
+
+
 def seen_tables(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
     """Per run (pooled over its seeds) and per arm (over its included runs, resampling runs x
     sampling seeds) shares of the seen words."""
@@ -368,7 +375,7 @@ def seen_tables(runs: list[dict], included: list[dict], cfg: dict) -> tuple[list
                                                   cfg["n_boot"], arm_seed(cfg["seed"], arm))
             per_arm.append({"arm": arm, "word": key[0], "guidance": key[1], "method": key[2],
                             "n_images": sum(r["n"] for r in chosen), **pooled, "seed_design": why,
-                            "per_run": "; ".join(f"jl{r['jl_seed']}: {fmt(r['share'])}" for r in chosen)})
+                            "per_run": "; ".join(f"{run_label(r)}: {fmt(r['share'])}" for r in chosen)})
     return per_run, per_arm
 
 

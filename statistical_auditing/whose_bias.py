@@ -45,6 +45,8 @@ VOCABULARY = 0  # [0, inf) neighbours among the first N words of the embedding (
 CV_REPEATS = 200  # [1, inf) repeats of the 2-fold cross-validation of the word effects on word2vec's gap
 
 ARM_OF_DEBIAS = {debias: arm for arm, debias in ARM_DEBIAS.items()}
+# A gap with a smaller sd over the words is rounding, not a predictor (the projected arm's after-JL gap: ~1e-8)
+GAP_SPREAD_MIN = 1e-6
 # word_x_train: what a training seed carries across JL matrices (the crossed model's term);
 # train_within_jl: everything particular to one training given its matrix (word_x_train + interaction);
 # word_x_run: word_x_jl + train_within_jl, the trained model's part beside the word's
@@ -203,12 +205,13 @@ def neighbour_bias(arm: Arm, k: int, vocabulary: int) -> np.ndarray:
 
 
 def per_run_fits(arm: Arm) -> list[dict]:
-    """Each run's least-squares slope and R^2 of its word shares on its own after-JL gap."""
+    """Each run's least-squares slope and R^2 of its word shares on its own after-JL gap; NaN where
+    that gap has no spread (debiasing after the projection makes it 0 up to float rounding)."""
     rows = []
     for j, row in enumerate(arm.runs):
         for t, run in enumerate(row):
-            y = arm.shares[:, j, t]
-            slope, _, r2 = ols(arm.jl_gap[:, j, t], y)
+            y, gap = arm.shares[:, j, t], arm.jl_gap[:, j, t]
+            slope, _, r2 = ols(gap, y) if float(np.std(gap)) > GAP_SPREAD_MIN else (math.nan, math.nan, math.nan)
             rows.append({"arm": arm.name, "run": run.name, "jl_seed": run.jl_seed, "train_seed": run.train_seed,
                          "slope_after_jl": slope, "r2_after_jl": r2, "mean_share": float(y.mean())})
     return rows
@@ -232,6 +235,14 @@ class ArmResult:
     jl_vs_train_within: dict  # word x JL minus the training draw nested in the JL draw
 
 
+def per_run_t(per_run: list[dict], key: str, level: float) -> dict:
+    """The t-interval over runs of a per-run statistic; mean NaN and no interval where a run has none."""
+    values = [row[key] for row in per_run]
+    if not all(math.isfinite(v) for v in values):
+        return {"mean": math.nan, "ci": ("", ""), "k": len(values)}
+    return vc.per_run_t_interval(values, level)
+
+
 def analyse_arm(arm: Arm, cfg: dict) -> ArmResult:
     boot = dict(n_boot=cfg["n_boot"], seed=cfg["seed"], level=cfg["level"])
     effects = vc.word_effects(arm.shares, arm.n)
@@ -241,8 +252,7 @@ def analyse_arm(arm: Arm, cfg: dict) -> ArmResult:
         arm=arm, components=vc.decompose(arm.shares, arm.n, resample="words", **boot), effects=effects,
         on_w2v=vc.slope_on_predictor(arm.shares, arm.w2v_gap, **boot),
         on_neighbours=vc.slope_on_predictor(arm.shares, neighbours, **boot), neighbours=neighbours, per_run=per_run,
-        per_run_t={key: vc.per_run_t_interval([r[key] for r in per_run], cfg["level"])
-                   for key in ("slope_after_jl", "r2_after_jl")},
+        per_run_t={key: per_run_t(per_run, key, cfg["level"]) for key in ("slope_after_jl", "r2_after_jl")},
         cv=vc.repeated_cv_r2(arm.w2v_gap, effects["effect"], folds=2, repeats=cfg["cv_repeats"], seed=cfg["seed"],
                              level=cfg["level"]),
         jl_vs_train=vc.component_difference(arm.shares, "word_x_jl", key_b="word_x_train", **boot),

@@ -337,8 +337,9 @@ COMBINED_CSVS = ("runs.csv", "seen.csv", "seen_arms.csv", "regressions.csv", "co
                  "dose_points.csv", "lipschitz.csv")
 REGENERATED = {  # committed combine output -> the committed runs it was made from (their pages give the command)
     COMMITTED: [COMMITTED / "runs" / f"{arm}-jl{seed}" for seed in (0, 1, 2) for arm in ("w2v", "debiased", "projected")],
-    REPO / "results" / "whose_bias" / "interim_jl0": [REPO / "results" / "whose_bias" / "runs" / f"{arm}-jl0{train}"
-                                                     for arm in ("w2v", "debiased", "projected") for train in ("", "-s1")],
+    REPO / "results" / "whose_bias" / "combined": [REPO / "results" / "whose_bias" / "runs" / f"{arm}-jl{seed}{train}"
+                                                   for seed in (0, 1) for arm in ("w2v", "debiased", "projected")
+                                                   for train in ("", "-s1")],
 }
 
 

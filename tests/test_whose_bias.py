@@ -4,9 +4,13 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -175,3 +179,46 @@ def test_words_restricts_the_analysis_to_a_list_or_a_csv_column(crossed_runs, tm
         wb.main(["--runs", str(crossed_runs), "--out", str(tmp_path / "bad"), "--words", str(tmp_path / "nowhere.csv"),
                  *ARGS])
     assert not (tmp_path / "bad").exists()
+
+
+# Every committed analysis of results/whose_bias/ regenerates from the committed runs by the command
+# its report.md names (seeded bootstraps: the same numbers, up to float rounding).
+ANALYSES = sorted(path.parent for path in (REPO / "results" / "whose_bias").glob("*/report.md")
+                  if "statistical_auditing/whose_bias.py" in path.read_text())
+
+
+def test_the_committed_analyses_are_found():
+    assert {path.name for path in ANALYSES} >= {"analysis", "analysis_attribute", "analysis_first20"}
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("committed", ANALYSES, ids=lambda path: path.relative_to(REPO).as_posix())
+def test_a_committed_analysis_regenerates_from_the_committed_runs(tmp_path, committed):
+    from conftest import compare_csv
+
+    report = (committed / "report.md").read_text()
+    command = shlex.split(re.search(r"`(python statistical_auditing/whose_bias.py [^`]*)`", report).group(1))
+    assert command[command.index("--out") + 1] == committed.relative_to(REPO).as_posix()
+    result = subprocess.run([sys.executable, *command[1:], "--out", str(tmp_path / "again")], cwd=REPO,
+                            capture_output=True, text=True, timeout=900,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    csvs = sorted(path.name for path in committed.glob("*.csv"))
+    assert "components.csv" in csvs
+    problems = [p for name in csvs for p in compare_csv(tmp_path / "again" / name, committed / name)]
+    assert not problems, problems[:20]
+
+
+def test_a_gap_without_spread_has_no_per_run_slope():
+    # debiasing after the projection leaves an after-JL gap of 0 up to float rounding: no slope on it
+    rng = np.random.default_rng(0)
+    shares = rng.uniform(0.3, 0.7, (6, 2, 2))
+    runs = [[wb.Run(f"r{j}{t}", Path("."), "projected", j, t, {}, {}, {}, []) for t in range(2)] for j in range(2)]
+    arm = wb.Arm("projected", runs, [f"w{i}" for i in range(6)], shares, np.full(shares.shape, 64.0),
+                 rng.normal(0, 0.05, 6), rng.normal(0, 1e-8, (6, 2, 2)))
+    fits = wb.per_run_fits(arm)
+    assert len(fits) == 4 and all(np.isnan(row["slope_after_jl"]) and np.isnan(row["r2_after_jl"]) for row in fits)
+    assert np.isnan(wb.per_run_t(fits, "slope_after_jl", 0.95)["mean"])
+    assert wb.fmt_ci(math.nan, "", "") == "not defined"
+    arm.jl_gap = arm.jl_gap * 1e6  # sd about 0.01: a predictor again
+    assert all(np.isfinite(row["slope_after_jl"]) for row in wb.per_run_fits(arm))
