@@ -29,6 +29,7 @@ from bias_begets_bias.utils import (atomic_write_text, claim_analysis_folder, co
 from bias_begets_bias.word_vectors import ARM_DEBIAS
 from statistical_auditing.core.stats import ols
 from statistical_auditing.from_scratch import variance_components as vc
+from statistical_auditing.from_scratch.experiment_stats import x_has_spread
 
 # ----------------------------------------------------------------------------- config
 RUNS = "results/whose_bias/runs"  # folder of kept runs (<run>/config.json, <run>/audit/proportions.csv)
@@ -45,8 +46,6 @@ VOCABULARY = 0  # [0, inf) neighbours among the first N words of the embedding (
 CV_REPEATS = 200  # [1, inf) repeats of the 2-fold cross-validation of the word effects on word2vec's gap
 
 ARM_OF_DEBIAS = {debias: arm for arm, debias in ARM_DEBIAS.items()}
-# A gap with a smaller sd over the words is rounding, not a predictor (the projected arm's after-JL gap: ~1e-8)
-GAP_SPREAD_MIN = 1e-6
 # word_x_train: what a training seed carries across JL matrices (the crossed model's term);
 # train_within_jl: everything particular to one training given its matrix (word_x_train + interaction);
 # word_x_run: word_x_jl + train_within_jl, the trained model's part beside the word's
@@ -154,9 +153,10 @@ def select_words(words: list[str], choice: str) -> list[str]:
         chosen = list(dict.fromkeys(row["word"] for row in read_csv_table(path, ("word",))))
     else:
         chosen = list(dict.fromkeys(w.strip() for w in choice.split(",") if w.strip()))
-    missing = [w for w in chosen if w not in set(words)]
+    audited, wanted = set(words), set(chosen)
+    missing = [w for w in chosen if w not in audited]
     require(not missing, f"--words: not an unseen word audited in every run: {', '.join(missing)}")
-    return [w for w in words if w in set(chosen)]
+    return [w for w in words if w in wanted]
 
 
 def build_arm(name: str, runs: list[Run], words: list[str]) -> Arm:
@@ -206,12 +206,13 @@ def neighbour_bias(arm: Arm, k: int, vocabulary: int) -> np.ndarray:
 
 def per_run_fits(arm: Arm) -> list[dict]:
     """Each run's least-squares slope and R^2 of its word shares on its own after-JL gap; NaN where
-    that gap has no spread (debiasing after the projection makes it 0 up to float rounding)."""
+    that gap has no spread (``x_has_spread``: debiasing after the projection makes it 0 up to float
+    rounding)."""
     rows = []
     for j, row in enumerate(arm.runs):
         for t, run in enumerate(row):
             y, gap = arm.shares[:, j, t], arm.jl_gap[:, j, t]
-            slope, _, r2 = ols(gap, y) if float(np.std(gap)) > GAP_SPREAD_MIN else (math.nan, math.nan, math.nan)
+            slope, _, r2 = ols(gap, y) if x_has_spread(gap) else (math.nan, math.nan, math.nan)
             rows.append({"arm": arm.name, "run": run.name, "jl_seed": run.jl_seed, "train_seed": run.train_seed,
                          "slope_after_jl": slope, "r2_after_jl": r2, "mean_share": float(y.mean())})
     return rows

@@ -20,6 +20,8 @@ import pytest
 from bias_begets_bias.cli import InputError
 from statistical_auditing import whose_bias as wb
 
+from conftest import compare_csv
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "results" / "experiment" / "runs" / "w2v-jl0" / "config.json"
 WORDS = ["accountant", "architect", "artist", "author", "baker", "bartender", "bus driver", "butcher", "carpenter",
@@ -194,8 +196,6 @@ def test_the_committed_analyses_are_found():
 @pytest.mark.smoke
 @pytest.mark.parametrize("committed", ANALYSES, ids=lambda path: path.relative_to(REPO).as_posix())
 def test_a_committed_analysis_regenerates_from_the_committed_runs(tmp_path, committed):
-    from conftest import compare_csv
-
     report = (committed / "report.md").read_text()
     command = shlex.split(re.search(r"`(python statistical_auditing/whose_bias.py [^`]*)`", report).group(1))
     assert command[command.index("--out") + 1] == committed.relative_to(REPO).as_posix()

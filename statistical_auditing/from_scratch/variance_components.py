@@ -138,14 +138,13 @@ def _components(ms: Mapping[str, np.ndarray], sampling: np.ndarray, n_jl: int, n
         "word_x_jl": (ms["word_x_jl"] - ms["residual"]) / n_train,
         "word_x_train": (ms["word_x_train"] - ms["residual"]) / n_jl,
         "interaction": ms["residual"] - sampling,
-        # the nested reading: everything particular to one training given its JL matrix (see decompose)
-        "train_within_jl": (ms["word_x_train"] - ms["residual"]) / n_jl + ms["residual"] - sampling,
-        # everything particular to a run (its JL matrix and its training), the model's part
-        "word_x_run": ((ms["word_x_jl"] - ms["residual"]) / n_train + (ms["word_x_train"] - ms["residual"]) / n_jl
-                       + ms["residual"] - sampling),
         "sampling": sampling,
         "residual": ms["residual"],
     }
+    # the nested reading: everything particular to one training given its JL matrix (see decompose),
+    # and everything particular to a run (its JL matrix and its training), the model's part
+    var["train_within_jl"] = var["word_x_train"] + var["interaction"]
+    var["word_x_run"] = var["word_x_jl"] + var["train_within_jl"]
     parts = [np.maximum(var[key], 0.0) for key in ("word", "word_x_jl", "word_x_train", "interaction")]
     total = parts[0] + parts[1] + parts[2] + parts[3]
     with np.errstate(invalid="ignore", divide="ignore"):
