@@ -432,7 +432,7 @@ def plot(results: dict[str, ArmResult], out: Path) -> None:
     from statistical_auditing.core.stats import pyplot, save_figure_atomically
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(results)
     for i, (name, result) in enumerate(results.items()):
         comp = result.components
@@ -440,7 +440,8 @@ def plot(results: dict[str, ArmResult], out: Path) -> None:
         errors = np.array([[sd - comp["intervals"][f"sd_{k}"][0], comp["intervals"][f"sd_{k}"][1] - sd]
                            for sd, k in zip(sds, COMPONENTS)]).T
         ax.bar(np.arange(len(COMPONENTS)) + i * width, sds, width, yerr=np.maximum(errors, 0), label=name, capsize=2)
-    ax.set_xticks(np.arange(len(COMPONENTS)) + width * (len(results) - 1) / 2, COMPONENTS)
+    # seven names side by side overlap: slanted, anchored at their right end under their bars
+    ax.set_xticks(np.arange(len(COMPONENTS)) + width * (len(results) - 1) / 2, COMPONENTS, rotation=30, ha="right")
     ax.set_ylabel("sd of the female share")
     ax.legend()
     save_figure_atomically(fig, out / "components.png")
